@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` (install and run the CPU demo) and `make test`
+# (install everything, including the torch references, and run every test).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint lessons bench clean
+
+$(VENV)/.runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,reference]'
+	touch $(VENV)/.runtime $@
+
+demo: $(VENV)/.runtime
+	$(PY) -m minimask demo
+
+test: $(VENV)/.dev
+	$(PY) -m ruff check minimask tests
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check minimask tests
+	$(PY) -m ruff format --check minimask tests
+
+bench: $(VENV)/.dev
+	$(PY) -m minimask.bench conv
+	$(PY) -m minimask.bench ops
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,145 @@
+"""Which array library runs the maths: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Every piece of array code in minimask starts the same way::
+
+    xp = get_array_module(x)     # numpy or cupy, whichever holds x
+
+and then calls ``xp.zeros``, ``xp.exp``... so that one source runs on both. The few places where
+NumPy and CuPy differ are wrapped here: scatter-add, moving arrays to the host, and random
+generators.
+
+Choosing the device
+-------------------
+NumPy is the default. Ask for the GPU with the environment variable ``MINIMASK_DEVICE=gpu`` or with
+a ``device="gpu"`` argument where a function takes one. If CuPy is not installed, or no GPU is
+visible, :func:`get_xp` raises :class:`DeviceError` saying which and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+
+_DEVICES = ("cpu", "gpu")
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (CuPy missing, no GPU, or an unknown name)."""
+
+
+def _import_cupy() -> ModuleType | None:
+    try:
+        import cupy  # noqa: PLC0415 - optional dependency
+    except Exception:  # ImportError, or a CUDA library that fails to load
+        return None
+    return cupy
+
+
+def default_device() -> str:
+    """The device named by ``MINIMASK_DEVICE`` (``cpu`` or ``gpu``), ``cpu`` when unset."""
+    name = os.environ.get("MINIMASK_DEVICE", "cpu").strip().lower() or "cpu"
+    if name not in _DEVICES:
+        raise DeviceError(f"MINIMASK_DEVICE={name!r} is not a device; use one of {_DEVICES}")
+    return name
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    cp = _import_cupy()
+    if cp is None:
+        return False
+    try:
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def get_xp(device: str | None = None) -> ModuleType:
+    """The array module for ``device`` (``"cpu"``, ``"gpu"``, or None for the default).
+
+    Raises:
+        DeviceError: the GPU was asked for but CuPy is not installed or no GPU is visible.
+    """
+    device = default_device() if device is None else str(device).lower()
+    if device not in _DEVICES:
+        raise DeviceError(f"device={device!r} is not a device; use one of {_DEVICES}")
+    if device == "cpu":
+        return np
+    cp = _import_cupy()
+    if cp is None:
+        raise DeviceError(
+            "the GPU was requested (device='gpu' or MINIMASK_DEVICE=gpu) but CuPy is not "
+            "installed; install it with `pip install -e .[gpu]` (cupy-cuda12x), or use the CPU"
+        )
+    if not gpu_available():
+        raise DeviceError(
+            "the GPU was requested (device='gpu' or MINIMASK_DEVICE=gpu) and CuPy is installed, "
+            "but no CUDA device is visible; check `nvidia-smi`, or use the CPU"
+        )
+    return cp
+
+
+def get_array_module(*arrays) -> ModuleType:
+    """numpy, or cupy when any argument is a CuPy array. Non-arrays are ignored."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            return _import_cupy()
+    return np
+
+
+def device_of(x) -> str:
+    """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
+    return "gpu" if get_array_module(x) is not np else "cpu"
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy (or view) of ``x``, wherever it lives."""
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.asarray(x)
+
+
+def to_device(x, device: str | None = None):
+    """``x`` as an array of ``device``'s library (a no-op when it already is)."""
+    xp = get_xp(device)
+    if xp is np:
+        return to_host(x)
+    return xp.asarray(x)
+
+
+def scatter_add(target, index, values) -> None:
+    """In place ``target[index] += values``, adding every duplicate index (unbuffered).
+
+    ``target[index] += values`` alone keeps only one of the duplicates; this is what the backward
+    pass of integer-array indexing needs.
+    """
+    xp = get_array_module(target)
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx  # noqa: PLC0415 - only with CuPy
+
+        cupyx.scatter_add(target, index, values)
+
+
+def bincount_add(target, flat_index, values) -> None:
+    """In place ``target.ravel()[flat_index] += values`` for 1-D integer ``flat_index``.
+
+    A faster special case of :func:`scatter_add` (``bincount`` instead of ``add.at``) for the
+    hot paths: RoIAlign and RoIPool backward, and gather backward.
+    """
+    if not target.flags.c_contiguous:
+        raise ValueError("bincount_add needs a C-contiguous target")
+    xp = get_array_module(target)
+    flat = target.reshape(-1)  # a view, since target is contiguous
+    summed = xp.bincount(flat_index.ravel(), weights=values.ravel(), minlength=flat.size)
+    flat += summed.astype(target.dtype, copy=False)
+
+
+def rng(seed: int | None = None, xp: ModuleType = np):
+    """A seeded random generator of ``xp``'s kind (``numpy.random.Generator`` or CuPy's)."""
+    if xp is np:
+        return np.random.default_rng(seed)
+    return xp.random.default_rng(seed)

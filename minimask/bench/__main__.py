@@ -1,0 +1,23 @@
+"""``python -m minimask.bench {conv,ops} [--repeat N]``: print one benchmark table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUITES = {
+    "conv": "minimask.bench.conv",  # conv2d forward+backward at Mask R-CNN's layer shapes
+    "ops": "minimask.bench.ops",  # roi_align, roi_pool and nms against torchvision
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minimask.bench", description=__doc__)
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--repeat", type=int, default=5, help="runs per row; the median is shown")
+    args = parser.parse_args(argv)
+    importlib.import_module(SUITES[args.suite]).main(repeat=args.repeat)
+
+
+if __name__ == "__main__":
+    main()
