@@ -2,11 +2,12 @@
 
 How it works (the whole idea in four lines):
 
-1. A :class:`Function` is one differentiable op: ``forward`` maps input arrays to an output array and
-   saves what ``backward`` needs; ``backward`` maps the gradient of the output to the gradients of
-   the inputs (the chain rule, one op at a time).
-2. ``Function.apply(*tensors)`` runs ``forward`` and, when gradients are wanted, stores itself on the
-   output as ``out._ctx``. The ``_ctx.parents`` links form a graph from the loss back to the leaves.
+1. A :class:`Function` is one differentiable op: ``forward`` maps input arrays to an output array
+   and saves what ``backward`` needs; ``backward`` maps the gradient of the output to the gradients
+   of the inputs (the chain rule, one op at a time).
+2. ``Function.apply(*tensors)`` runs ``forward`` and, when gradients are wanted, stores itself on
+   the output as ``out._ctx``. The ``_ctx.parents`` links form a graph from the loss back to the
+   leaves.
 3. ``loss.backward()`` sorts that graph topologically (no recursion, so a chain of 10,000 ops is
    fine) and walks it in reverse, handing each op the gradient of its output. A node used twice
    receives the sum of both gradients before its own ``backward`` runs.
@@ -199,7 +200,7 @@ class Tensor:
                     f"{self.shape}; call .sum() first or pass grad="
                 )
             grad = xp.ones_like(self.data)
-        grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+        grad = xp.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
         if grad.shape != self.shape:
             raise ValueError(f"grad has shape {grad.shape}, tensor has shape {self.shape}")
 
@@ -210,16 +211,23 @@ class Tensor:
                 continue
             fn = node._ctx
             if fn is None:  # a leaf: accumulate
-                node.grad = g.copy() if node.grad is None else node.grad + g
+                total = g if node.grad is None else node.grad + g
+                # a fresh array of the leaf's own dtype (never a view of g, never a NumPy scalar)
+                node.grad = xp.array(total, dtype=node.dtype)
                 continue
             parent_grads = fn.backward(g)
             if not isinstance(parent_grads, tuple):
                 parent_grads = (parent_grads,)
             if anomaly.is_enabled():
                 anomaly.check_backward(fn, g, parent_grads)
-            for parent, pg in zip(fn.parents, parent_grads):
+            for i, (parent, pg) in enumerate(zip(fn.parents, parent_grads)):
                 if pg is None or not parent.requires_grad:
                     continue
+                if pg.shape != parent.shape:  # a wrong rule fails here, not ops later
+                    raise RuntimeError(
+                        f"{fn.name}.backward returned a gradient of shape {pg.shape} for input "
+                        f"{i} of shape {parent.shape}"
+                    )
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
 
