@@ -62,7 +62,7 @@ def get_xp(device: str | None = None) -> ModuleType:
     Raises:
         DeviceError: the GPU was asked for but CuPy is not installed or no GPU is visible.
     """
-    device = default_device() if device is None else str(device).lower()
+    device = default_device() if device is None else str(device).strip().lower()
     if device not in _DEVICES:
         raise DeviceError(f"device={device!r} is not a device; use one of {_DEVICES}")
     if device == "cpu":

@@ -17,15 +17,16 @@ explain a non-finite loss.
 
 from __future__ import annotations
 
+import linecache
 import os
+import sys
 import threading
-import traceback
 from contextlib import contextmanager
 
 from minimask.backend import get_array_module
 
 _state = threading.local()
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENGINE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class AnomalyError(FloatingPointError):
@@ -58,12 +59,14 @@ def user_frame() -> str:
     Frames of ``minimask/engine`` are skipped, so the answer is the line of user or library code
     (a layer, a loss) that called the op.
     """
-    engine_dir = os.path.join(_PACKAGE_DIR, "engine")
-    for frame in reversed(traceback.extract_stack()):
-        if not os.path.abspath(frame.filename).startswith(engine_dir):
-            code = (frame.line or "").strip()
-            return f"{frame.filename}:{frame.lineno} in {frame.name}: {code}"
-    return "<unknown>"
+    frame = sys._getframe(1)  # walk outwards from the caller; cheaper than formatting the stack
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_ENGINE_DIR):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    code = linecache.getline(filename, lineno).strip()
+    return f"{filename}:{lineno} in {frame.f_code.co_name}: {code}"
 
 
 def _describe(array) -> str:
@@ -87,19 +90,32 @@ def _finite(array) -> bool:
 def _inputs(inputs) -> str:
     shapes = []
     for i, a in enumerate(inputs):
-        note = "" if _finite(a) else " (already non-finite: it arrived from outside the graph)"
+        note = "" if _finite(a) else f" holding {_describe(a)}"
         shapes.append(f"input {i}: shape {tuple(getattr(a, 'shape', ()))}{note}")
     return "; ".join(shapes) or "no inputs"
+
+
+def _created_at(fn) -> str:
+    if fn.created_at is None:
+        return "unknown (the forward pass ran outside detect_anomaly; run it inside to see)"
+    return fn.created_at
 
 
 def check_forward(fn, inputs, out) -> None:
     """Raise :class:`AnomalyError` when ``out`` holds NaN or inf."""
     if _finite(out):
         return
+    if all(_finite(a) for a in inputs):
+        source = "it made them from finite inputs"
+    else:  # had an op made them, that op would have raised first
+        source = (
+            "an input was already non-finite when it arrived: the NaN or inf came from the "
+            "input data (or from an op run outside detect_anomaly), not from this op"
+        )
     raise AnomalyError(
-        f"{fn.name} produced {_describe(out)} in its forward pass.\n"
+        f"{fn.name} produced {_describe(out)} in its forward pass; {source}.\n"
         f"  inputs: {_inputs(inputs)}\n"
-        f"  created at: {fn.created_at}"
+        f"  created at: {_created_at(fn)}"
     )
 
 
@@ -117,5 +133,5 @@ def check_backward(fn, grad_out, grads) -> None:
         raise AnomalyError(
             f"{fn.name} backward produced {_describe(g)} in the gradient of input {i}; {source}.\n"
             f"  input shapes: {shapes}\n"
-            f"  created at: {fn.created_at}"
+            f"  created at: {_created_at(fn)}"
         )

@@ -123,6 +123,8 @@ class Pow(Function):
         return a**exponent
 
     def backward(self, g):
+        if np.ndim(self.p) == 0 and self.p == 0:  # constant: the formula gives 0 * inf at a = 0
+            return (get_array_module(g).zeros_like(g),)
         return (g * self.p * self.a ** (self.p - 1),)
 
 
@@ -185,7 +187,8 @@ class Clip(Function):
 class ReLU(Function):
     def forward(self, a):
         self.positive = a > 0
-        return a * self.positive
+        # where, not a * positive: that gives -0.0 for negative a (and 1 / relu(a) = -inf)
+        return get_array_module(a).where(self.positive, a, a.dtype.type(0))
 
     def backward(self, g):
         return (g * self.positive,)
@@ -258,8 +261,10 @@ class Max(Function):
     def forward(self, a, axis=None, keepdims=False):
         self.a, self.axes, self.keepdims = a, _axes(axis, a.ndim), keepdims
         self.out = a.max(axis=self.axes, keepdims=True)
-        return self.out if keepdims else self.out.reshape(
-            [n for i, n in enumerate(a.shape) if i not in self.axes]
+        return (
+            self.out
+            if keepdims
+            else self.out.reshape([n for i, n in enumerate(a.shape) if i not in self.axes])
         )
 
     def backward(self, g):
@@ -281,11 +286,13 @@ class Reshape(Function):
 
 class Permute(Function):
     def forward(self, a, axes=None):
-        self.axes = tuple(range(a.ndim))[::-1] if axes is None else tuple(axes)
+        # axes=None reverses them (.T); negative axes count from the end, as in numpy
+        self.axes = tuple(range(a.ndim))[::-1] if axes is None else _axes(axes, a.ndim)
         return a.transpose(self.axes)
 
     def backward(self, g):
-        return (g.transpose(np.argsort(self.axes)),)
+        inverse = tuple(int(i) for i in np.argsort(self.axes))  # undoes the permutation
+        return (g.transpose(inverse),)
 
 
 def _is_basic_index(index) -> bool:
@@ -340,10 +347,12 @@ class Concatenate(Function):
 
 
 class Pad(Function):
-    """Constant padding; ``pad_width`` as in ``numpy.pad`` (one (before, after) per axis)."""
+    """Constant padding; ``pad_width`` as in ``numpy.pad``: one (before, after) per axis, or the
+    short forms ``n`` and ``((before, after),)`` that apply to every axis."""
 
     def forward(self, a, pad_width=None, value=0.0):
-        self.pad_width = tuple(tuple(p) for p in pad_width)
+        widths = np.broadcast_to(np.asarray(pad_width, dtype=int), (a.ndim, 2))  # (ndim, 2)
+        self.pad_width = tuple((int(lo), int(hi)) for lo, hi in widths)
         return get_array_module(a).pad(a, self.pad_width, constant_values=value)
 
     def backward(self, g):
@@ -353,14 +362,23 @@ class Pad(Function):
 
 # ---------------------------------------------------------------------------- the Tensor API
 def as_tensor(x, like: Tensor | None = None) -> Tensor:
-    """``x`` as a Tensor; numbers take the dtype and device of ``like`` (no float64 upcast)."""
+    """``x`` as a Tensor, on the device of ``like`` when given.
+
+    A number next to ``like`` follows NumPy 2's rule for Python numbers: it takes ``like``'s dtype
+    when that can hold it (``float32 * 2.0`` stays float32, no float64 upcast), else the smallest
+    that can (``int64 * 0.5`` is float64). NumPy scalars such as ``np.float64(2.0)`` count as
+    numbers here, as 0-d tensors do in torch, so ``np.log(2)`` does not upcast a float32 model.
+    """
     if isinstance(x, Tensor):
         return x
-    if like is not None and not hasattr(x, "shape"):
+    if like is None:
+        return Tensor(x)
+    if isinstance(x, (bool, int, float, np.generic)):
+        x = x.item() if isinstance(x, np.generic) else x
+        return Tensor(like.xp.asarray(x, dtype=np.result_type(like.dtype, x)))
+    if not hasattr(x, "shape"):  # a list
         return Tensor(like.xp.asarray(x, dtype=like.dtype))
-    if like is not None:
-        return Tensor(like.xp.asarray(x))
-    return Tensor(x)
+    return Tensor(like.xp.asarray(x))
 
 
 def add(a, b) -> Tensor:
@@ -379,8 +397,12 @@ def sub(a, b) -> Tensor:
 
 
 def div(a, b) -> Tensor:
+    """True division ``a * b ** -1``; integer ``b`` becomes float64 first (as ``numpy.divide``)."""
     a = as_tensor(a, b if isinstance(b, Tensor) else None)
-    return mul(a, as_tensor(b, a) ** -1)
+    b = as_tensor(b, a)
+    if b.dtype.kind not in "fc":
+        b = b.astype(np.float64)  # ints have no negative powers
+    return mul(a, b**-1)
 
 
 def maximum(a, b) -> Tensor:
@@ -480,6 +502,7 @@ Tensor.__rtruediv__ = lambda self, other: div(other, self)
 Tensor.__neg__ = lambda self: Neg.apply(self)
 Tensor.__pow__ = lambda self, p: Pow.apply(self, exponent=p)
 Tensor.__matmul__ = matmul
+Tensor.__rmatmul__ = lambda self, other: matmul(other, self)
 Tensor.__getitem__ = _getitem
 Tensor.exp = lambda self: Exp.apply(self)
 Tensor.log = lambda self: Log.apply(self)

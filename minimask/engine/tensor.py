@@ -55,7 +55,8 @@ class Function:
     Subclasses implement ``forward(self, *arrays, **options) -> array`` (saving what they need on
     ``self``) and ``backward(self, grad) -> tuple`` with one gradient per array input, each of that
     input's shape, or None where no gradient is needed. ``self.needs_grad[i]`` says whether input
-    ``i`` wants one, so backward can skip work.
+    ``i`` wants one, so backward can skip work. ``backward`` must not change ``grad`` in place:
+    the same array may also be on its way to other ops (``Add`` hands it to both inputs).
 
     A test can call an op alone, without tensors::
 
@@ -93,8 +94,9 @@ class Function:
         out = fn.forward(*[t.data for t in tensors], **options)
         if check:
             anomaly.check_forward(fn, [t.data for t in tensors], out)
-        result = Tensor(out, requires_grad=record)
-        if record:
+        result = Tensor(out)
+        if record and result.dtype.kind in "fc":  # integers (a cast to int) carry no gradient
+            result.requires_grad = True
             fn.parents = tensors
             result._ctx = fn
         return result
@@ -125,6 +127,8 @@ class Tensor:
                 data = data.astype(np.float32)
         elif not isinstance(data, xp.ndarray):  # numpy scalar such as np.float32(1.0)
             data = xp.asarray(data)
+        if requires_grad and data.dtype.kind not in "fc":
+            raise ValueError(f"only floating-point tensors can require grad, not {data.dtype}")
         self.data = data
         self.grad = None
         self.requires_grad = bool(requires_grad)
