@@ -1,0 +1,202 @@
+"""Max pooling and nearest-neighbour upsampling: plain array functions, then engine ops.
+
+Where Mask R-CNN uses them: ResNet's stem max-pools with a 3x3 window, stride 2, padding 1; FPN
+makes its coarsest level P6 by max-pooling P5 with a 1x1 window and stride 2 (Lin et al. 2017),
+and its top-down path upsamples each level to the size of the next finer one (``size=``, which
+may not be an exact 2x when an image side is odd).
+
+Shape letters: N images, C channels, H x W input size, Ho x Wo output size, kh x kw window.
+Both follow torch: ``F.max_pool2d`` (padding counts as -inf) and ``F.interpolate(mode="nearest")``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from minimask.backend import get_array_module
+from minimask.engine.tensor import Function, Tensor
+from minimask.nn.conv import _pair
+
+
+# ---------------------------------------------------------------------------- max pooling
+class MaxPoolSaved(NamedTuple):
+    winner: object  # (N, C, Ho, Wo) uint8: which tap of the window held the max (i*kw + j)
+    x_shape: tuple
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+
+
+def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
+    """Max over each ``kh x kw`` window, moved by ``stride``; padding counts as -inf.
+
+    ``out[n, c, h, w] = max_{i, j} x_pad[n, c, h*s + i, w*s + j]`` with
+    ``Ho = (H + 2p - kh) // s + 1``. ``stride`` defaults to the window size, as in torch. At a tie
+    the first tap in row-major window order wins (torch's rule), and takes all the gradient.
+
+    Args:
+        x: (N, C, H, W).
+        kernel_size, stride, padding: an int or a (height, width) pair; padding <= kernel // 2.
+
+    Returns:
+        ``(out (N, C, Ho, Wo), saved)``.
+    """
+    xp = get_array_module(x)
+    (kh, kw) = kernel = _pair(kernel_size)
+    (sh, sw) = stride = _pair(kernel_size if stride is None else stride)
+    (ph, pw) = padding = _pair(padding)
+    if 2 * ph > kh or 2 * pw > kw:
+        raise ValueError(f"max_pool2d: padding {padding} must be at most half the window {kernel}")
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"max_pool2d: a {kernel} window does not fit in {H}x{W} + {padding}")
+
+    padded = xp.full((N, C, H + 2 * ph, W + 2 * pw), -np.inf, dtype=x.dtype)
+    padded[:, :, ph : ph + H, pw : pw + W] = x
+    height, width = sh * (Ho - 1) + 1, sw * (Wo - 1) + 1
+    best = padded[:, :, 0:height:sh, 0:width:sw].copy()  # tap (0, 0) of every window
+    winner = xp.zeros((N, C, Ho, Wo), dtype=np.uint8)
+    for tap in range(1, kh * kw):  # a loop over the window's taps, each over all pixels at once
+        i, j = divmod(tap, kw)
+        candidate = padded[:, :, i : i + height : sh, j : j + width : sw]
+        better = candidate > best  # strict: the earlier tap keeps a tie
+        best[better] = candidate[better]
+        winner[better] = tap
+    return best, MaxPoolSaved(winner, x.shape, kernel, stride, padding)
+
+
+def max_pool2d_backward(grad_out, saved: MaxPoolSaved):
+    """Gradient of :func:`max_pool2d_forward`: each window's gradient goes to its max.
+
+    Returns grad_x (N, C, H, W). Windows that overlap add into the shared pixel.
+    """
+    xp = get_array_module(grad_out)
+    N, C, H, W = saved.x_shape
+    (kh, kw), (sh, sw), (ph, pw) = saved.kernel, saved.stride, saved.padding
+    Ho, Wo = grad_out.shape[2:]
+    height, width = sh * (Ho - 1) + 1, sw * (Wo - 1) + 1
+    grad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=grad_out.dtype)
+    for tap in range(kh * kw):
+        i, j = divmod(tap, kw)
+        # One tap's strided slice never repeats a pixel, so += is safe here.
+        grad[:, :, i : i + height : sh, j : j + width : sw] += grad_out * (saved.winner == tap)
+    return xp.ascontiguousarray(grad[:, :, ph : ph + H, pw : pw + W])
+
+
+# ---------------------------------------------------------------------------- nearest upsampling
+class UpsampleSaved(NamedTuple):
+    rows: np.ndarray  # (Ho,) source row of each output row
+    cols: np.ndarray  # (Wo,) source column of each output column
+    x_shape: tuple
+
+
+def nearest_source_index(in_size: int, out_size: int, scale_factor: float | None = None):
+    """Source index of each output index, exactly as torch's ``mode="nearest"``.
+
+    ``src = min(floor(dst * scale), in_size - 1)`` with ``scale = 1 / scale_factor`` when a scale
+    factor was given, else ``in_size / out_size``, computed in float32 like torch's CPU kernel (so
+    that the rounding, and hence the chosen pixel, is identical). Returns (out_size,) int64.
+    """
+    if out_size == in_size:
+        return np.arange(out_size)
+    if scale_factor is not None and scale_factor > 0:
+        scale = np.float32(1.0 / scale_factor)
+    else:
+        scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1)
+
+
+def upsample_nearest_forward(x, size=None, scale_factor=None):
+    """Nearest-neighbour resize of x (N, C, H, W) to ``size`` or to ``floor(H * scale_factor)``.
+
+    Give exactly one of ``size`` (int or (Ho, Wo)) and ``scale_factor`` (number or pair), as in
+    ``torch.nn.functional.interpolate(x, size, scale_factor, mode="nearest")``.
+
+    Returns:
+        ``(out (N, C, Ho, Wo), saved)``.
+    """
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    if (size is None) == (scale_factor is None):
+        raise ValueError("upsample_nearest: give exactly one of size and scale_factor")
+    if size is not None:
+        (Ho, Wo), scales = _pair(size), (None, None)
+    else:
+        scales = (
+            (float(scale_factor),) * 2
+            if isinstance(scale_factor, (int, float))
+            else tuple(map(float, scale_factor))
+        )
+        Ho, Wo = math.floor(H * scales[0]), math.floor(W * scales[1])
+    rows = nearest_source_index(H, Ho, scales[0])
+    cols = nearest_source_index(W, Wo, scales[1])
+    out = x.take(xp.asarray(rows), axis=2).take(xp.asarray(cols), axis=3)  # (N, C, Ho, Wo)
+    return out, UpsampleSaved(rows, cols, x.shape)
+
+
+def _sum_by_source(g, source: np.ndarray, size: int, axis: int):
+    """``out[..., k, ...] = sum of g[..., o, ...] over the o with source[o] == k``, along ``axis``.
+
+    ``source`` is sorted, so the outputs of one source index are consecutive; the loop runs over
+    the largest number of copies of one pixel (2 for a 2x upsample), not over pixels.
+    """
+    xp = get_array_module(g)
+    copies = np.bincount(source, minlength=size)  # (size,) how many outputs each source made
+    first = np.cumsum(copies) - copies
+    shape = [1] * g.ndim
+    shape[axis] = size
+    total = None
+    for k in range(int(copies.max(initial=0))):
+        picked = g.take(xp.asarray(np.minimum(first + k, len(source) - 1)), axis=axis)
+        if not (copies > k).all():  # some sources have fewer than k + 1 copies: mask them out
+            picked = picked * xp.asarray(copies > k).reshape(shape)
+        total = picked if total is None else total + picked
+    if total is None:
+        shape = list(g.shape)
+        shape[axis] = size
+        total = xp.zeros(shape, dtype=g.dtype)
+    return total
+
+
+def upsample_nearest_backward(grad_out, saved: UpsampleSaved):
+    """Gradient of :func:`upsample_nearest_forward`: each input pixel receives the sum of the
+    gradients of the output pixels copied from it. Returns grad_x (N, C, H, W)."""
+    H, W = saved.x_shape[2:]
+    grad = _sum_by_source(grad_out, saved.cols, W, axis=3)  # (N, C, Ho, W)
+    return _sum_by_source(grad, saved.rows, H, axis=2)  # (N, C, H, W)
+
+
+# ---------------------------------------------------------------------------- engine ops
+class MaxPool2d(Function):
+    def forward(self, x, kernel_size=1, stride=None, padding=0):
+        out, self.saved = max_pool2d_forward(x, kernel_size, stride, padding)
+        return out
+
+    def backward(self, g):
+        return (max_pool2d_backward(g, self.saved),)
+
+
+class UpsampleNearest(Function):
+    def forward(self, x, size=None, scale_factor=None):
+        out, self.saved = upsample_nearest_forward(x, size, scale_factor)
+        return out
+
+    def backward(self, g):
+        return (upsample_nearest_backward(g, self.saved),)
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
+    """Max pooling of x (N, C, H, W), as ``torch.nn.functional.max_pool2d`` (see
+    :func:`max_pool2d_forward`)."""
+    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding)
+
+
+def upsample_nearest(x: Tensor, size=None, scale_factor=None) -> Tensor:
+    """Nearest-neighbour resize of x (N, C, H, W), as ``F.interpolate(mode="nearest")`` (see
+    :func:`upsample_nearest_forward`)."""
+    return UpsampleNearest.apply(x, size=size, scale_factor=scale_factor)
