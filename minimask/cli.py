@@ -1,7 +1,11 @@
 """The ``minimask`` command line: ``minimask <command> [options]`` (or ``python -m minimask``).
 
 Commands:
-    demo    train a tiny CNN on synthetic shapes and report its held-out accuracy
+    demo             train the tiny Mask R-CNN on synthetic shapes, evaluate it, draw it
+    train            train a Mask R-CNN preset (checkpoints, loss log and curve, --resume)
+    eval             COCO-style bbox and segm AP of a checkpoint
+    predict          draw a checkpoint's detections on image files
+    classifier-demo  the foundation's tiny CNN classifier on synthetic shapes
 
 Each command is a pair of plain functions, ``_add_<name>(subparsers)`` to declare its options and
 ``_run_<name>(args) -> exit code`` to do the work; a new command (``train``, ``eval``, ``predict``,
@@ -13,35 +17,171 @@ from __future__ import annotations
 import argparse
 
 
-# ---------------------------------------------------------------------------- demo
-def _add_demo(subparsers) -> None:
+# ---------------------------------------------------------------------------- classifier-demo
+def _add_classifier_demo(subparsers) -> None:
     from minimask.classifier_demo import DemoConfig  # noqa: PLC0415 - keep --help fast
 
     defaults = DemoConfig()
     p = subparsers.add_parser(
-        "demo",
+        "classifier-demo",
         help="train a tiny CNN on synthetic shapes (CPU, about a minute)",
         description="Train a tiny CNN classifier built from minimask.nn on synthetic shapes, "
         "then print its held-out accuracy and write loss_curve.png and metrics.json.",
     )
     p.add_argument("--steps", type=int, default=defaults.steps, help="training iterations")
-    p.add_argument("--out", default="runs/demo", help="folder for the plot, metrics and weights")
+    p.add_argument("--out", default="runs/classifier", help="folder for plot, metrics, weights")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of data and weights")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--device", choices=("cpu", "gpu"), default=defaults.device)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(run=_run_demo)
+    p.set_defaults(run=_run_classifier_demo)
 
 
-def _run_demo(args) -> int:
+def _run_classifier_demo(args) -> int:
     from minimask.classifier_demo import DemoConfig, run  # noqa: PLC0415
 
     if args.steps < 1:
-        raise SystemExit("minimask demo: --steps must be at least 1")
+        raise SystemExit("minimask classifier-demo: --steps must be at least 1")
     config = DemoConfig(
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device
     )
     run(config, out=args.out, progress=not args.no_progress)
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def _add_demo(subparsers) -> None:
+    from minimask.shapes_demo import DemoConfig  # noqa: PLC0415 - keep --help fast
+
+    d = DemoConfig()
+    p = subparsers.add_parser(
+        "demo",
+        help="train the tiny Mask R-CNN on synthetic shapes and evaluate it (CPU, < 10 min)",
+        description="Train the tiny Mask R-CNN preset on synthetic shapes on the CPU, evaluate "
+        "bbox and segm AP on a fixed validation split, and write loss_curve.png, "
+        "predictions.png, metrics.json and checkpoint.npz.",
+    )
+    p.add_argument("--iterations", type=int, default=d.iterations, help="training steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--val-images", type=int, default=d.val_images, help="validation images")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data, samplers")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from minimask.shapes_demo import DemoConfig, run_demo  # noqa: PLC0415
+
+    _positive(args, "iterations", "batch_size", "val_images")
+    config = DemoConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        val_images=args.val_images,
+        seed=args.seed,
+    )
+    run_demo(config, args.out, progress=not args.no_progress)
+    return 0
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"minimask {args.command}: --{name.replace('_', '-')} must be >= 1")
+
+
+# ---------------------------------------------------------------------------- train
+def _add_train(subparsers) -> None:
+    from minimask.train import TrainConfig  # noqa: PLC0415
+
+    t = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train a Mask R-CNN preset",
+        description="Train a Mask R-CNN preset. Writes losses.jsonl, loss_curve.png and an "
+        "atomic checkpoint.npz every --checkpoint-every iterations; --resume continues exactly.",
+    )
+    p.add_argument("--preset", default="tiny", choices=("tiny", "r50_fpn"))
+    p.add_argument("--dataset", default="shapes", choices=("shapes",))
+    p.add_argument("--iterations", type=int, default=t.iterations)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=t.lr, help="base learning rate")
+    p.add_argument("--optimizer", default=t.optimizer, choices=("sgd", "adamw"))
+    p.add_argument("--warmup", type=int, default=t.warmup_iters, help="warm-up iterations")
+    p.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="iterations where lr drops by --gamma (default: at 80%%)")  # fmt: skip
+    p.add_argument("--gamma", type=float, default=t.gamma)
+    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
+    p.add_argument("--out", default="runs/train", help="checkpoint folder")
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from minimask.shapes_demo import train_shapes  # noqa: PLC0415
+    from minimask.train import TrainConfig  # noqa: PLC0415
+
+    _positive(args, "iterations", "batch_size", "checkpoint_every")
+    milestones = args.milestones if args.milestones is not None else [int(0.8 * args.iterations)]
+    config = TrainConfig(
+        iterations=args.iterations,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        warmup_iters=args.warmup,
+        milestones=tuple(milestones),
+        gamma=args.gamma,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    train_shapes(args.preset, config, args.batch_size, args.out, args.resume, not args.no_progress)
+    print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, {args.out}/loss_curve.png")
+    return 0
+
+
+# ---------------------------------------------------------------------------- eval
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="COCO-style AP of a checkpoint on a dataset")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", default="shapes", choices=("shapes",))
+    p.add_argument("--val-images", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes validation split")
+    p.add_argument("--out", default=None, help="folder for metrics.json and predictions.png")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from minimask.shapes_demo import evaluate_shapes, model_from_checkpoint, summary_table  # noqa: PLC0415
+
+    model, _ = model_from_checkpoint(args.checkpoint)
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out, exist_ok=True)
+    metrics = evaluate_shapes(model, out, args.val_images, args.seed)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(summary_table(metrics))
+    return 0
+
+
+# ---------------------------------------------------------------------------- predict
+def _add_predict(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="draw a checkpoint's detections on images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG...)")
+    p.add_argument("--out", default="runs/predict", help="folder for the drawn images")
+    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from minimask.predict import predict_files  # noqa: PLC0415
+
+    for path in predict_files(args.checkpoint, args.images, args.out, args.score_thresh):
+        print(path)
     return 0
 
 
@@ -52,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
     _add_demo(subparsers)
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_predict(subparsers)
+    _add_classifier_demo(subparsers)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``python -m minimask.bench {conv,ops} [--repeat N]``: print one benchmark table."""
+"""``python -m minimask.bench {conv,ops,train} [--repeat N]``: print one benchmark table."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib
 SUITES = {
     "conv": "minimask.bench.conv",  # conv2d forward+backward at Mask R-CNN's layer shapes
     "ops": "minimask.bench.ops",  # roi_align, roi_pool and nms against torchvision
+    "train": "minimask.bench.train",  # tiny Mask R-CNN vs torchvision's: speed, memory, AP
 }
 
 
@@ -15,8 +16,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minimask.bench", description=__doc__)
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--repeat", type=int, default=5, help="runs per row; the median is shown")
-    args = parser.parse_args(argv)
-    importlib.import_module(SUITES[args.suite]).main(repeat=args.repeat)
+    args, rest = parser.parse_known_args(argv)
+    suite = importlib.import_module(SUITES[args.suite])
+    if args.suite == "train":  # it has options of its own (see its --help)
+        suite.main(repeat=args.repeat, argv=rest)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    else:
+        suite.main(repeat=args.repeat)
 
 
 if __name__ == "__main__":

@@ -1,48 +1,81 @@
 """2-D convolution and transposed convolution: plain array functions, then engine ops.
 
 Every layer of Mask R-CNN's ResNet backbone, FPN, RPN and heads is a ``conv2d`` (He et al. 2017,
-§3 and §4); the mask head upsamples its 14x14 features to 28x28 with a 2x2, stride-2
-``conv_transpose2d``. Layouts follow torch::
+§3-4); the mask head upsamples its 14x14 features to 28x28 with a 2x2, stride-2
+``conv_transpose2d``. Layouts and formulas follow torch::
 
     conv2d:            x (N, C, H, W), weight (O, C, kh, kw)  ->  (N, O, Ho, Wo)
-    conv_transpose2d:  x (N, C, H, W), weight (C, O, kh, kw)  ->  (N, O, Ho, Wo)
-
     out[n, o, h, w] = sum_{c, i, j} x_pad[n, c, h*s + i*d, w*s + j*d] * weight[o, c, i, j]
+    Ho = (H + 2p - d(kh - 1) - 1) // s + 1      (x_pad: x with p zeros on each side)
 
-with stride ``s``, dilation ``d``, and ``x_pad`` zero-padded by ``p`` on each side, so that
-``Ho = (H + 2p - d(kh - 1) - 1) // s + 1``.
+    conv_transpose2d:  x (N, C, H, W), weight (C, O, kh, kw)  ->  (N, O, Ho, Wo)
+    the gradient of conv2d with respect to its input, so Ho = (H - 1)s - 2p + d(kh - 1) + 1
 
-Shape letters: N images, C input channels, O output channels, H x W input size, Ho x Wo output
-size, kh x kw kernel, K rows of a column matrix (kernel taps x C), B rows per image once the images
-are stacked, L columns of a GEMM.
+Shape letters: N images, C input and O output channels, H x W input and Ho x Wo output size,
+kh x kw kernel, B rows per image in the column matrix, R = N*B (+ a few) its rows, K its channels.
 
-How it is computed. NumPy's fastest operation is the matrix product (BLAS GEMM), so a conv becomes
-``weight (O, K) @ columns (K, L)``, where each column holds the input values one output pixel sees.
-Copying every kernel tap of every pixel (textbook "im2col") is slow: for a 3x3 kernel it copies the
-input 9 times. Three cases:
+How: NumPy's fastest operation is the matrix product (a BLAS GEMM), so the conv becomes one GEMM
+``weight (O, K) @ columns (K, R*Wo)``, each column holding what one output pixel sees.
 
-* **1x1 kernels** are a matmul over channels: ``(O, C) @ (N, C, H*W)``, with no copy at all.
-* **stride 1, the "row shift"**: the padded images are stacked vertically into one tall image
-  (rows flattened after one another), and only the ``kw`` horizontal taps are copied, into
-  ``cols[(j, c), r*Wo + w] = x_stack[c, r, w + j*d]``. Kernel row ``i`` reads image row
-  ``r + i*d``, which is column ``r*Wo + w + i*d*Wo`` of the *same* matrix: a view shifted by
-  ``i*d*Wo`` columns. So ``out = sum_i W_i @ cols[:, i*d*Wo : i*d*Wo + L]``: ``kh`` GEMMs on views.
-  Output rows that straddle two stacked images are computed and dropped.
-* **stride > 1**: textbook im2col (all ``kh*kw`` taps copied, which stride makes small) and one GEMM.
+1. **Columns**: for each horizontal tap j, copy x into a slab (C, R, Wo) holding
+   ``x_pad[n, c, row, w*s + j*d]``, with the images stacked into blocks of B rows, one after
+   another. Neighbours share their padding rows (the bottom padding of one image is the top
+   padding of the next), so a block is only ``H + p`` rows.
+2. **GEMM**: the kernel rows need no copy of their own: kernel row i reads the slab row below by
+   ``i*d``, which is the same matrix shifted by ``i*d*Wo`` columns. So all kernel rows go in one
+   GEMM, stacked along M: ``(kh*O, kw*C) @ cols`` -> per_row (kh, O, R*Wo).
+3. **Shift and sum**: ``out = sum_i per_row[i]`` shifted left by ``i*d*Wo`` columns. The last rows
+   of each block straddle two images: they are computed and dropped.
 
-The gradient with respect to the input is the *transposed* conv of the output gradient (that is
-what a transposed conv is), and a stride-1 transposed conv is a conv with the kernel flipped, so
-the backward pass reuses the forward machinery.
+Textbook "im2col" copies all kh*kw taps (9 copies of the input for a 3x3 kernel); this copies kw.
+With a vertical stride > 1 the kernel rows are not a whole number of rows apart, so every tap is
+copied (im2col), B = Ho, and there is one GEMM with no shift: ``groups = 1`` below instead of
+``kh``. A 1x1 kernel needs no copy at all: it is a matmul over channels.
+
+The backward pass is the adjoint of each step, in reverse: place a copy of the output gradient
+at each shift (step 3), one GEMM with the weight (step 2), and add every column back to the pixel
+it was copied from ("fold", step 1). That gradient with respect to the input *is* the transposed
+conv, so ``conv_transpose2d`` is built from it.
+
+Memory: nothing but x is kept for the backward pass, which copies the columns again. The big
+temporaries (columns, GEMM outputs) live in a per-thread :class:`Workspace`, reused across calls.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
 
 from minimask.backend import get_array_module
 from minimask.engine.tensor import Function, Tensor
+
+
+class Workspace(threading.local):
+    """Scratch arrays reused across calls, one per name, grown when a call needs more.
+
+    Why: a fresh array of tens of MB is new memory, and the OS zeroes every new page on first
+    touch. For a conv's temporaries that page-faulting costs a large fraction of a GEMM, and BLAS
+    threads writing into fresh pages wait on each other. Only temporaries that die inside one call
+    come from here; results and saved arrays are always fresh arrays.
+    """
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, shape, dtype, xp):
+        """An uninitialised C-contiguous array of ``shape``; it is overwritten by the next
+        ``get(name, ...)`` in this thread."""
+        size, dtype = int(np.prod(shape)), np.dtype(dtype)
+        key = (name, xp.__name__, dtype)
+        if key not in self.buffers or self.buffers[key].size < size:
+            self.buffers.pop(key, None)  # free the old one before allocating the larger one
+            self.buffers[key] = xp.empty(size, dtype)
+        return self.buffers[key][:size].reshape(shape)
+
+
+workspace = Workspace()
 
 
 def _pair(value) -> tuple[int, int]:
@@ -58,90 +91,176 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-class ConvSaved(NamedTuple):
-    """What :func:`conv2d_backward` needs from :func:`conv2d_forward`."""
+class Geometry(NamedTuple):
+    """Every size of one conv2d, and the layout of its column matrix (see the module docstring)."""
 
-    cols: object  # columns of x: (K, rows*Wo), or x itself (N, C, Ho*Wo) for a 1x1 kernel
-    offsets: tuple | None  # column offset of each GEMM (one per kernel row); None for 1x1
-    block: int  # B: rows per image in cols (only Ho of them are real outputs)
-    weight: object  # (O, C, kh, kw)
-    x_shape: tuple
+    x_shape: tuple  # (N, C, H, W)
+    w_shape: tuple  # (O, C, kh, kw)
     stride: tuple
     padding: tuple
     dilation: tuple
+    out_size: tuple  # (Ho, Wo)
+    groups: int  # GEMMs stacked along M: kh (kernel rows as shifts) or 1 (every tap copied)
+    block: int  # B: rows per image in the columns (the first Ho of them are outputs)
+    rows: int  # R: rows of the columns, N*B plus the reach of the shifted kernel rows
 
 
-# ---------------------------------------------------------------------------- conv2d, arrays
-def _columns(x, kernel, stride, padding, dilation):
-    """The column matrix of ``x`` (see the module docstring), its GEMM offsets and rows per image.
+def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1) -> Geometry:
+    """Check the sizes of a conv2d of x (N, C, H, W) with weight (O, C, kh, kw); plan its layout."""
+    (N, C, H, W), (O, C_w, kh, kw) = x_shape, w_shape
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    if C != C_w:
+        raise ValueError(f"conv2d: x has {C} channels, the weight {tuple(w_shape)} expects {C_w}")
+    Ho, Wo = conv_output_size(H, kh, sh, ph, dh), conv_output_size(W, kw, sw, pw, dw)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"conv2d: a {kh}x{kw} kernel with dilation {(dh, dw)} does not fit in the {H}x{W} "
+            f"input padded by {(ph, pw)}"
+        )
+    if sh == 1 and kh > 1:  # kernel rows as shifts: a block holds the image and its padding
+        groups, block, reach = kh, max(H + ph, Ho), dh * (kh - 1)
+    else:  # every tap copied: a block is just the output rows
+        groups, block, reach = 1, Ho, 0
+    return Geometry(
+        (N, C, H, W),
+        (O, C, kh, kw),
+        (sh, sw),
+        (ph, pw),
+        (dh, dw),
+        (Ho, Wo),
+        groups,
+        block,
+        N * block + reach,
+    )
 
-    Returns ``cols`` (K, rows*Wo) with K = (kh // len(offsets)) * kw * C, ``offsets`` and ``B``.
+
+def _valid(out_len: int, size: int, pad: int, offset: int, stride: int):
+    """The outputs ``o`` in [lo, hi) whose input ``o*stride + offset - pad`` lies in [0, size),
+    and the slice of the input they read, along one axis."""
+    lo = min(out_len, max(0, -(-(pad - offset) // stride)))
+    hi = max(lo, min(out_len, (size - 1 + pad - offset) // stride + 1))
+    start = lo * stride + offset - pad
+    return lo, hi, slice(start, start + (hi - lo - 1) * stride + 1 if hi > lo else start, stride)
+
+
+def _taps(geo: Geometry):
+    """For every tap copied into the columns: its index (u, j), the rows [t0, t1) and columns
+    [w0, w1) of a block that see the image, and the slices of the image they read."""
+    (_, _, H, W), (_, _, kh, kw) = geo.x_shape, geo.w_shape
+    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
+    for u in range(kh // geo.groups):
+        t0, t1, rows = _valid(geo.block, H, ph, u * dh, sh)
+        for j in range(kw):
+            w0, w1, cols = _valid(geo.out_size[1], W, pw, j * dw, sw)
+            yield (u, j), (t0, t1, rows), (w0, w1, cols)
+
+
+def _columns(x, geo: Geometry):
+    """Step 1: x (N, C, H, W) -> the column matrix (K, R*Wo), K = taps*C (workspace scratch).
+
+    Each tap's slab (C, R, Wo) gets the image where its window sees the image, zeros elsewhere.
     """
     xp = get_array_module(x)
-    N, C, H, W = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    Ho = conv_output_size(H, kh, sh, ph, dh)
-    Wo = conv_output_size(W, kw, sw, pw, dw)
+    N, C, _, _ = x.shape
+    B, Wo = geo.block, geo.out_size[1]
     x_cnhw = x.transpose(1, 0, 2, 3)  # (C, N, H, W): channels first, so one GEMM spans all images
-    width = sw * (Wo - 1) + 1  # span of the input columns one horizontal tap reads
-
-    if sh == 1:
-        # Each image gets B rows: itself, plus padding shared with the next image (the bottom
-        # padding of one image is the top padding of the next), and at least its Ho outputs.
-        block = max(H + ph, Ho)
-        spare = -(-dh * (kh - 1) // block)  # whole empty blocks below, for the shifted reads
-        stacked = xp.zeros((C, N + spare, block, W + 2 * pw), x.dtype)
-        stacked[:, :N, ph : ph + H, pw : pw + W] = x_cnhw
-        rows = N * block + dh * (kh - 1)
-        stacked = stacked.reshape(C, (N + spare) * block, W + 2 * pw)  # (C, all rows, Wp)
-        cols = xp.empty((kw, C, rows, Wo), x.dtype)
-        for j in range(kw):
-            cols[j] = stacked[:, :rows, j * dw : j * dw + width : sw]
-        offsets = tuple(i * dh * Wo for i in range(kh))
-        return cols.reshape(kw * C, rows * Wo), offsets, block  # (kw*C, rows*Wo)
-
-    padded = xp.zeros((C, N, H + 2 * ph, W + 2 * pw), x.dtype)
-    padded[:, :, ph : ph + H, pw : pw + W] = x_cnhw
-    height = sh * (Ho - 1) + 1
-    cols = xp.empty((kh, kw, C, N, Ho, Wo), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[i, j] = padded[:, :, i * dh : i * dh + height : sh, j * dw : j * dw + width : sw]
-    return cols.reshape(kh * kw * C, N * Ho * Wo), (0,), Ho  # (kh*kw*C, N*Ho*Wo)
+    shape = (geo.w_shape[2] // geo.groups, geo.w_shape[3], C, geo.rows, Wo)
+    cols = workspace.get("cols", shape, x.dtype, xp)
+    for (u, j), (t0, t1, rows), (w0, w1, columns) in _taps(geo):
+        cols[u, j, :, N * B :] = 0  # below the last image
+        blocks = cols[u, j, :, : N * B].reshape(C, N, B, Wo)  # a view into cols
+        blocks[:, :, :t0] = 0  # rows that see the padding...
+        blocks[:, :, t1:] = 0
+        blocks[:, :, t0:t1, :w0] = 0  # ...and columns
+        blocks[:, :, t0:t1, w1:] = 0
+        blocks[:, :, t0:t1, w0:w1] = x_cnhw[:, :, rows, columns]
+    return cols.reshape(-1, geo.rows * Wo)  # (K, R*Wo)
 
 
-def _weight_matrices(w, groups: int):
-    """The weight as ``groups`` matrices (groups, O, K), K ordered like the rows of the columns.
+def _fold(cols, geo: Geometry):
+    """Adjoint of step 1: add every column back to the pixel it was copied from.
 
-    ``groups`` is 1 (im2col: every tap in one GEMM) or kh (row shift: one GEMM per kernel row).
+    cols (K, R*Wo) -> grad_x (N, C, H, W); overlapping windows add up, padding is dropped.
     """
+    xp = get_array_module(cols)
+    N, C, H, W = geo.x_shape
+    B, Wo = geo.block, geo.out_size[1]
+    cols = cols.reshape(geo.w_shape[2] // geo.groups, geo.w_shape[3], C, geo.rows, Wo)
+    grad = xp.zeros((N, C, H, W), cols.dtype)
+    grad_cnhw = grad.transpose(1, 0, 2, 3)  # (C, N, H, W) view
+    for (u, j), (t0, t1, rows), (w0, w1, columns) in _taps(geo):
+        blocks = cols[u, j, :, : N * B].reshape(C, N, B, Wo)
+        grad_cnhw[:, :, rows, columns] += blocks[:, :, t0:t1, w0:w1]  # no pixel twice per tap
+    return grad
+
+
+def _weight_matrix(w, groups: int):
+    """Step 2's left factor: weight (O, C, kh, kw) -> (groups*O, K), K ordered like the columns."""
     O, C, kh, kw = w.shape
     w = w.reshape(O, C, groups, kh // groups, kw)
-    return w.transpose(2, 0, 3, 4, 1).reshape(groups, O, -1)  # (groups, O, kh/groups * kw * C)
+    return w.transpose(2, 0, 3, 4, 1).reshape(groups * O, -1)  # (groups*O, taps*C)
 
 
-def _sum_shifted(per_row, offsets, N: int, block: int, Ho: int, Wo: int):
-    """Add up the kernel rows' products, each shifted by its offset, into (N, O, Ho, Wo).
+def _sum_shifted(per_row, geo: Geometry):
+    """Step 3: per_row (groups*O, R*Wo) -> out (N, O, Ho, Wo), kernel row g shifted by g*d*Wo.
 
-    ``out[n, o, h, w] = sum_g per_row[g, o, offsets[g] + (n*B + h)*Wo + w]`` for per_row of shape
-    (groups, O, rows*Wo). Only the Ho real rows of each image's block of B rows are kept, and the
-    sum is written straight into torch's (N, O, Ho, Wo) layout.
+    ``out[n, o, h, w] = sum_g per_row[g, o, (n*B + h + g*d)*Wo + w]``; the rows of each block past
+    Ho (they straddle two images) are dropped.
     """
     xp = get_array_module(per_row)
-    O, length = per_row.shape[1], N * block * Wo
+    N, (Ho, Wo), groups = geo.x_shape[0], geo.out_size, geo.groups
+    per_row = per_row.reshape(groups, -1, geo.rows * Wo)  # (groups, O, R*Wo)
+    O, block_out, shift = per_row.shape[1], geo.block, geo.dilation[0] * Wo
 
-    def shifted(g):  # (N, O, Ho, Wo) view of kernel row g's product
-        view = per_row[g, :, offsets[g] : offsets[g] + length].reshape(O, N, block, Wo)
-        return view[:, :, :Ho].transpose(1, 0, 2, 3)
+    def shifted(g):  # kernel row g's product as an (N, O, Ho, Wo) view
+        view = per_row[g, :, g * shift : g * shift + N * block_out * Wo]
+        return view.reshape(O, N, block_out, Wo)[:, :, :Ho].transpose(1, 0, 2, 3)
 
-    out = xp.empty((N, O, Ho, Wo), dtype=per_row.dtype)
-    if len(offsets) == 1:
+    out = xp.empty((N, O, Ho, Wo), per_row.dtype)
+    if groups == 1:
         out[...] = shifted(0)
         return out
     xp.add(shifted(0), shifted(1), out=out)
-    for g in range(2, len(offsets)):
+    for g in range(2, groups):
         out += shifted(g)
     return out
+
+
+def _place(grad_out, geo: Geometry):
+    """Adjoint of step 3: grad_out (N, O, Ho, Wo) -> (groups*O, R*Wo) (scratch), copy g shifted by
+    g*d*Wo, zero everywhere else (the dropped rows and the ends)."""
+    xp = get_array_module(grad_out)
+    N, O, Ho, Wo = grad_out.shape
+    block_out, shift = geo.block, geo.dilation[0] * Wo
+    placed = workspace.get("per_row", (geo.groups, O, geo.rows * Wo), grad_out.dtype, xp)
+    for g in range(geo.groups):
+        start, stop = g * shift, g * shift + N * block_out * Wo
+        placed[g, :, :start] = 0
+        placed[g, :, stop:] = 0
+        blocks = placed[g, :, start:stop].reshape(O, N, block_out, Wo)  # a view into placed
+        blocks[:, :, :Ho] = grad_out.transpose(1, 0, 2, 3)
+        blocks[:, :, Ho:] = 0
+    return placed.reshape(geo.groups * O, -1)
+
+
+# ---------------------------------------------------------------------------- conv2d, arrays
+class ConvSaved(NamedTuple):
+    """What :func:`conv2d_backward` needs from :func:`conv2d_forward`."""
+
+    x: object  # (N, C, H, W): the backward pass copies its columns again
+    weight: object  # (O, C, kh, kw)
+    geo: Geometry
+
+
+def _is_pointwise(geo: Geometry) -> bool:
+    return geo.w_shape[2:] == (1, 1) and geo.padding == (0, 0)
+
+
+def _pixels_seen(x, geo: Geometry):
+    """What a 1x1 conv sees of x (N, C, H, W): every s-th pixel, as (N, C, Ho*Wo)."""
+    N, C, _, _ = x.shape
+    (Ho, Wo), (sh, sw) = geo.out_size, geo.stride
+    return x[:, :, ::sh, ::sw].reshape(N, C, Ho * Wo)  # a view at stride 1, else a copy
 
 
 def conv2d_forward(x, w, stride=1, padding=0, dilation=1):
@@ -156,55 +275,17 @@ def conv2d_forward(x, w, stride=1, padding=0, dilation=1):
         ``(out, saved)``: out (N, O, Ho, Wo) in x's dtype, and what :func:`conv2d_backward` needs.
     """
     xp = get_array_module(x, w)
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    N, C, H, W = x.shape
-    O, C_w, kh, kw = w.shape
-    if C != C_w:
-        raise ValueError(f"conv2d: x has {C} channels but the weight expects {C_w}: {w.shape}")
-    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
-    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
-    if Ho < 1 or Wo < 1:
-        raise ValueError(
-            f"conv2d: a {kh}x{kw} kernel (dilation {dilation}) does not fit in the {H}x{W} input "
-            f"padded by {padding}"
-        )
-
-    if (kh, kw) == (1, 1) and padding == (0, 0):
-        # A 1x1 conv is a matmul over channels; with stride s it only sees every s-th pixel.
-        x_seen = xp.ascontiguousarray(x[:, :, :: stride[0], :: stride[1]])
-        cols = x_seen.reshape(N, C, Ho * Wo)  # (N, C, Ho*Wo)
-        out = xp.matmul(w.reshape(O, C), cols)  # (N, O, Ho*Wo)
-        saved = ConvSaved(cols, None, Ho, w, x.shape, stride, padding, dilation)
-        return out.reshape(N, O, Ho, Wo), saved
-
-    cols, offsets, block = _columns(x, (kh, kw), stride, padding, dilation)
-    mats = _weight_matrices(w, len(offsets))  # (groups, O, K)
-    # One GEMM for all kernel rows at once (stacked along M, which BLAS runs faster than
-    # several thin GEMMs); each kernel row's product is then shifted into place.
-    per_row = mats.reshape(-1, mats.shape[2]) @ cols  # (groups*O, rows*Wo)
-    per_row = per_row.reshape(len(offsets), O, -1)  # (groups, O, rows*Wo)
-    out = _sum_shifted(per_row, offsets, N, block, Ho, Wo)  # (N, O, Ho, Wo)
-    return out, ConvSaved(cols, offsets, block, w, x.shape, stride, padding, dilation)
-
-
-def _conv_weight_grad(grad_out, saved: ConvSaved):
-    """d loss / d weight (O, C, kh, kw): the output gradient times the columns of x, transposed."""
-    xp = get_array_module(grad_out)
-    N, O, Ho, Wo = grad_out.shape
-    _, C, kh, kw = saved.weight.shape
-    if saved.offsets is None:  # 1x1: sum over images of (O, Ho*Wo) @ (Ho*Wo, C)
-        per_image = xp.matmul(grad_out.reshape(N, O, Ho * Wo), saved.cols.transpose(0, 2, 1))
-        return per_image.sum(axis=0).reshape(O, C, 1, 1)
-    # grad of kernel row g = G @ cols[:, off_g : off_g + L].T = (G placed at off_g) @ cols.T, so
-    # placing a copy of G at each offset makes one GEMM for all kernel rows (M = groups*O).
-    groups, B = len(saved.offsets), saved.block
-    placed = xp.zeros((groups, O, saved.cols.shape[1]), grad_out.dtype)  # (groups, O, rows*Wo)
-    for g, offset in enumerate(saved.offsets):
-        view = placed[g, :, offset : offset + N * B * Wo].reshape(O, N, B, Wo)
-        view[:, :, :Ho] = grad_out.transpose(1, 0, 2, 3)  # zero at the dropped rows
-    grads = placed.reshape(groups * O, -1) @ saved.cols.T  # (groups*O, K)
-    grads = grads.reshape(groups, O, kh // groups, kw, C)
-    return grads.transpose(1, 4, 0, 2, 3).reshape(O, C, kh, kw)
+    geo = conv_geometry(x.shape, w.shape, stride, padding, dilation)
+    (N, C, _, _), O, (Ho, Wo) = x.shape, w.shape[0], geo.out_size
+    if _is_pointwise(geo):  # a 1x1 conv is a matmul over channels
+        out = xp.matmul(w.reshape(O, C), _pixels_seen(x, geo))  # (N, O, Ho*Wo)
+        return out.reshape(N, O, Ho, Wo), ConvSaved(x, w, geo)
+    cols = _columns(x, geo)  # (K, R*Wo)
+    # One GEMM for every kernel row (stacked along M, which BLAS runs faster than thin GEMMs).
+    weight = _weight_matrix(w, geo.groups)  # (groups*O, K)
+    per_row = workspace.get("per_row", (weight.shape[0], cols.shape[1]), cols.dtype, xp)
+    xp.matmul(weight, cols, out=per_row)  # (groups*O, R*Wo)
+    return _sum_shifted(per_row, geo), ConvSaved(x, w, geo)
 
 
 def conv2d_backward(grad_out, saved: ConvSaved, need_x: bool = True, need_w: bool = True):
@@ -216,120 +297,117 @@ def conv2d_backward(grad_out, saved: ConvSaved, need_x: bool = True, need_w: boo
         need_x, need_w: skip a gradient that nobody needs (returned as None).
 
     Returns:
-        ``(grad_x (N, C, H, W), grad_w (O, C, kh, kw))``. The gradient of x is the transposed conv
-        of ``grad_out`` with the same weight, stride, padding and dilation.
+        ``(grad_x (N, C, H, W), grad_w (O, C, kh, kw))``.
     """
-    grad_w = _conv_weight_grad(grad_out, saved) if need_w else None
-    grad_x = None
+    xp = get_array_module(grad_out)
+    geo, w = saved.geo, saved.weight
+    (N, C, H, W), (O, _, kh, kw), (Ho, Wo) = geo.x_shape, w.shape, geo.out_size
+    if _is_pointwise(geo):
+        g = grad_out.reshape(N, O, Ho * Wo)  # (N, O, Ho*Wo)
+        grad_w = grad_x = None
+        if need_w:  # sum over images of (O, Ho*Wo) @ (Ho*Wo, C)
+            seen = _pixels_seen(saved.x, geo).transpose(0, 2, 1)  # (N, Ho*Wo, C)
+            grad_w = (g @ seen).sum(axis=0).reshape(O, C, 1, 1)
+        if need_x:
+            seen = (w.reshape(O, C).T @ g).reshape(N, C, Ho, Wo)  # (N, C, Ho, Wo)
+            if (Ho, Wo) == (H, W):
+                grad_x = seen
+            else:  # strided: the pixels the conv skipped get no gradient
+                grad_x = xp.zeros((N, C, H, W), grad_out.dtype)
+                grad_x[:, :, :: geo.stride[0], :: geo.stride[1]] = seen
+        return grad_x, grad_w
+
+    placed = _place(grad_out, geo)  # (groups*O, R*Wo)
+    grad_w = grad_x = None
+    if need_w:
+        grad_w = placed @ _columns(saved.x, geo).T  # (groups*O, K)
+        grad_w = grad_w.reshape(geo.groups, O, kh // geo.groups, kw, C)
+        grad_w = grad_w.transpose(1, 4, 0, 2, 3).reshape(O, C, kh, kw)
     if need_x:
-        (H, W), (kh, kw) = saved.x_shape[2:], saved.weight.shape[2:]
-        (sh, sw), (ph, pw), (dh, dw) = saved.stride, saved.padding, saved.dilation
-        Ho, Wo = grad_out.shape[2:]
-        # Input rows past the last window get no gradient: output_padding restores H exactly.
-        extra = (
-            H - ((Ho - 1) * sh - 2 * ph + dh * (kh - 1) + 1),
-            W - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1),
-        )
-        grad_x, _ = conv_transpose2d_forward(
-            grad_out, saved.weight, saved.stride, saved.padding, extra, saved.dilation
-        )
+        grad_x = _input_grad(placed, w, geo)
     return grad_x, grad_w
+
+
+def _input_grad(placed, w, geo: Geometry):
+    """Steps 3 and 2 backwards: placed (groups*O, R*Wo) -> the gradient of x (N, C, H, W)."""
+    xp = get_array_module(placed)
+    weight_t = _weight_matrix(w, geo.groups).T  # (K, groups*O)
+    grad_cols = workspace.get("cols", (weight_t.shape[0], placed.shape[1]), placed.dtype, xp)
+    xp.matmul(weight_t, placed, out=grad_cols)  # (K, R*Wo)
+    return _fold(grad_cols, geo)
 
 
 # ---------------------------------------------------------------------------- transposed, arrays
 class ConvTransposeSaved(NamedTuple):
-    x: object  # (N, C, H, W)
+    x: object  # (N, C, H', W'): the input, zero-extended to the conv2d output it is the grad of
     weight: object  # (C, O, kh, kw)
-    stride: tuple
-    padding: tuple
-    dilation: tuple
+    geo: Geometry  # the conv2d whose input gradient this transposed conv is
+    x_size: tuple  # (H, W) of the input as given
 
 
-def _pad_or_crop(x, top: int, bottom: int, left: int, right: int):
-    """Zero-pad (positive) or crop (negative) the last two axes of x (N, C, H, W)."""
+def _pad_or_crop(x, rows: int, cols: int):
+    """x (N, C, H, W) grown by zeros (positive) or cropped (negative) at the bottom and right."""
     xp = get_array_module(x)
-    x = x[:, :, max(-top, 0) : x.shape[2] - max(-bottom, 0), max(-left, 0) : x.shape[3] - max(-right, 0)]
-    pads = ((0, 0), (0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0)))
-    return xp.pad(x, pads) if any(p for pair in pads for p in pair) else x
+    x = x[:, :, : x.shape[2] + min(rows, 0), : x.shape[3] + min(cols, 0)]
+    if rows > 0 or cols > 0:
+        x = xp.pad(x, ((0, 0), (0, 0), (0, max(rows, 0)), (0, max(cols, 0))))
+    return x
 
 
 def conv_transpose2d_forward(x, w, stride=1, padding=0, output_padding=0, dilation=1):
-    """Transposed convolution (the gradient of conv2d with respect to its input), as in torch.
+    """Transposed convolution of plain arrays, as ``torch.nn.functional.conv_transpose2d``.
 
     Each input pixel adds ``x[n, c, h, w] * weight[c, :, i, j]`` to output pixel
-    ``(h*s - p + i*d, w*s - p + j*d)``, so ``Ho = (H - 1)s - 2p + d(kh - 1) + output_padding + 1``.
+    ``(h*s - p + i*d, w*s - p + j*d)``: the gradient of :func:`conv2d_forward` with respect to its
+    input, for a conv2d from O to C channels with the same weight array.
 
     Args:
         x: (N, C, H, W) input.
         w: (C, O, kh, kw) weight (torch's layout for transposed convs).
-        stride, padding, output_padding, dilation: an int or a (height, width) pair.
+        stride, padding, output_padding, dilation: an int or a (height, width) pair;
+            ``Ho = (H - 1)s - 2p + d(kh - 1) + output_padding + 1``.
 
     Returns:
         ``(out (N, O, Ho, Wo), saved)``.
     """
-    xp = get_array_module(x, w)
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     (oh, ow), (dh, dw) = _pair(output_padding), _pair(dilation)
     N, C, H, W = x.shape
     C_w, O, kh, kw = w.shape
     if C != C_w:
-        raise ValueError(f"conv_transpose2d: x has {C} channels, the weight expects {C_w}")
+        raise ValueError(
+            f"conv_transpose2d: x has {C} channels, the weight {w.shape} expects {C_w}"
+        )
     Ho = (H - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1
     Wo = (W - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1
     if Ho < 1 or Wo < 1:
-        raise ValueError(f"conv_transpose2d: padding {padding} leaves no output for {H}x{W}")
-    saved = ConvTransposeSaved(x, w, (sh, sw), (ph, pw), (dh, dw))
-
-    if (sh, sw) == (1, 1):
-        # A stride-1 transposed conv is a conv with the kernel flipped and in/out channels
-        # swapped, padded by d(k - 1) - p (cropped where that is negative).
-        flipped = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (O, C, kh, kw)
-        qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-        if min(qh, qw) >= 0 and (oh, ow) == (0, 0):
-            out, _ = conv2d_forward(x, flipped, 1, (qh, qw), (dh, dw))
-        else:
-            x = _pad_or_crop(x, qh, qh + oh, qw, qw + ow)
-            out, _ = conv2d_forward(x, flipped, 1, 0, (dh, dw))
-        return out, saved
-
-    # Any stride: one GEMM gives every tap's contribution, then each tap is added at its place.
-    x_mat = x.transpose(1, 0, 2, 3).reshape(C, N * H * W)  # (C, N*H*W)
-    w_mat = w.transpose(2, 3, 1, 0).reshape(kh * kw * O, C)  # (kh*kw*O, C)
-    taps = (w_mat @ x_mat).reshape(kh, kw, O, N, H, W)
-    full = xp.zeros(
-        (O, N, max((H - 1) * sh + dh * (kh - 1) + 1, ph + Ho), max((W - 1) * sw + dw * (kw - 1) + 1, pw + Wo)),
-        x.dtype,
-    )  # (O, N, rows, cols): the output before cropping the padding
-    height, width = sh * (H - 1) + 1, sw * (W - 1) + 1
-    for i in range(kh):
-        for j in range(kw):
-            full[:, :, i * dh : i * dh + height : sh, j * dw : j * dw + width : sw] += taps[i, j]
-    out = full[:, :, ph : ph + Ho, pw : pw + Wo].transpose(1, 0, 2, 3)  # (N, O, Ho, Wo)
-    return xp.ascontiguousarray(out), saved
+        raise ValueError(f"conv_transpose2d: padding {(ph, pw)} leaves no output for {H}x{W}")
+    geo = conv_geometry((N, O, Ho, Wo), w.shape, (sh, sw), (ph, pw), (dh, dw))
+    # With output_padding at stride 1 the conv2d output is larger than x: extend x with zeros.
+    x = _pad_or_crop(x, geo.out_size[0] - H, geo.out_size[1] - W)  # (N, C, conv2d's Ho, Wo)
+    if _is_pointwise(geo):
+        out, _ = conv2d_backward(x, ConvSaved(None, w, geo), need_w=False)
+    else:
+        out = _input_grad(_place(x, geo), w, geo)
+    return out, ConvTransposeSaved(x, w, geo, (H, W))
 
 
 def conv_transpose2d_backward(
     grad_out, saved: ConvTransposeSaved, need_x: bool = True, need_w: bool = True
 ):
-    """Gradients of :func:`conv_transpose2d_forward`: ``(grad_x (N, C, H, W), grad_w (C, O, kh, kw))``.
+    """Gradients of :func:`conv_transpose2d_forward`: grad_x (N, C, H, W), grad_w (C, O, kh, kw).
 
     The adjoint of the adjoint: the gradient of x is conv2d of ``grad_out`` with the same weight,
-    and the weight gradient is conv2d's weight gradient with the roles of x and grad_out swapped.
+    and the weight gradient is conv2d's, with the roles of x and grad_out swapped.
     """
-    x = saved.x
-    N, C, H, W = x.shape
-    grad_x, conv_saved = conv2d_forward(
-        grad_out, saved.weight, saved.stride, saved.padding, saved.dilation
-    )  # (N, C, H', W'); H' > H only with output_padding at stride 1
-    grad_w = None
-    if need_w:
-        Hc, Wc = grad_x.shape[2:]
-        x_full = _pad_or_crop(x, 0, Hc - H, 0, Wc - W)  # (N, C, H', W')
-        grad_w = _conv_weight_grad(x_full, conv_saved)  # (C, O, kh, kw)
+    geo, grad_x, grad_w = saved.geo, None, None
+    if need_w:  # as if grad_out were the input of the conv2d and x the gradient of its output
+        conv_saved = ConvSaved(grad_out, saved.weight, geo)
+        grad_w = conv2d_backward(saved.x, conv_saved, need_x=False)[1]
     if need_x:
+        grad_x, _ = conv2d_forward(grad_out, saved.weight, geo.stride, geo.padding, geo.dilation)
+        H, W = saved.x_size  # drop the zeros that output_padding added at stride 1
         grad_x = get_array_module(grad_x).ascontiguousarray(grad_x[:, :, :H, :W])
-    else:
-        grad_x = None
     return grad_x, grad_w
 
 
@@ -371,7 +449,8 @@ class ConvTranspose2d(Function):
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1):
     """2-D convolution of x (N, C, H, W) with weight (O, C, kh, kw) and optional bias (O,).
 
-    Returns (N, O, Ho, Wo), ``Ho = (H + 2p - d(kh - 1) - 1) // s + 1``, as ``torch.nn.functional.conv2d``.
+    Returns (N, O, Ho, Wo) with ``Ho = (H + 2p - d(kh - 1) - 1) // s + 1``, as
+    ``torch.nn.functional.conv2d``. stride, padding, dilation: an int or a (height, width) pair.
     """
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return Conv2d.apply(
@@ -390,9 +469,9 @@ def conv_transpose2d(
 ):
     """Transposed convolution of x (N, C, H, W) with weight (C, O, kh, kw) and optional bias (O,).
 
-    Returns (N, O, Ho, Wo), ``Ho = (H - 1)s - 2p + d(kh - 1) + output_padding + 1``, as
-    ``torch.nn.functional.conv_transpose2d``. Mask R-CNN's mask head uses k = s = 2: each input
-    pixel paints its own 2x2 block of the output.
+    Returns (N, O, Ho, Wo) with ``Ho = (H - 1)s - 2p + d(kh - 1) + output_padding + 1``, as
+    ``torch.nn.functional.conv_transpose2d``. The mask head uses k = s = 2: each input pixel
+    paints its own 2x2 block of the output.
     """
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return ConvTranspose2d.apply(

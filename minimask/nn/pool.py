@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minimask.backend import get_array_module
+from minimask.backend import get_array_module, scatter_add
 from minimask.engine.tensor import Function, Tensor
 from minimask.nn.conv import _pair
 
@@ -64,8 +64,9 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
         i, j = divmod(tap, kw)
         candidate = padded[:, :, i : i + height : sh, j : j + width : sw]
         better = candidate > best  # strict: the earlier tap keeps a tie
-        best[better] = candidate[better]
-        winner[better] = tap
+        # Taps come in increasing order, so the winner is the last (largest) tap that was better.
+        xp.maximum(winner, better * np.uint8(tap), out=winner)
+        xp.maximum(best, candidate, out=best)
     return best, MaxPoolSaved(winner, x.shape, kernel, stride, padding)
 
 
@@ -78,13 +79,20 @@ def max_pool2d_backward(grad_out, saved: MaxPoolSaved):
     N, C, H, W = saved.x_shape
     (kh, kw), (sh, sw), (ph, pw) = saved.kernel, saved.stride, saved.padding
     Ho, Wo = grad_out.shape[2:]
-    height, width = sh * (Ho - 1) + 1, sw * (Wo - 1) + 1
-    grad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=grad_out.dtype)
-    for tap in range(kh * kw):
-        i, j = divmod(tap, kw)
-        # One tap's strided slice never repeats a pixel, so += is safe here.
-        grad[:, :, i : i + height : sh, j : j + width : sw] += grad_out * (saved.winner == tap)
-    return xp.ascontiguousarray(grad[:, :, ph : ph + H, pw : pw + W])
+    # Flat index in x of each window's winner: the window's top-left corner plus the tap's
+    # offset. The winner is always a real pixel (padding is -inf and no window is all padding).
+    corner = (
+        xp.arange(N * C).reshape(N * C, 1, 1) * (H * W)
+        + (xp.arange(Ho).reshape(1, Ho, 1) * sh - ph) * W
+        + (xp.arange(Wo).reshape(1, 1, Wo) * sw - pw)
+    )  # (N*C, Ho, Wo)
+    taps = np.arange(kh * kw)
+    tap_offset = xp.asarray((taps // kw) * W + taps % kw)  # (kh*kw,): tap (i, j) is i*W + j
+    winners = corner + tap_offset[saved.winner.reshape(N * C, Ho, Wo)]
+    grad = xp.zeros((N, C, H, W), dtype=grad_out.dtype)
+    # Overlapping windows may share a winner, so add every window's gradient (no assignment).
+    scatter_add(grad.reshape(-1), winners.reshape(-1), grad_out.reshape(-1))
+    return grad
 
 
 # ---------------------------------------------------------------------------- nearest upsampling
@@ -133,6 +141,8 @@ def upsample_nearest_forward(x, size=None, scale_factor=None):
             else tuple(map(float, scale_factor))
         )
         Ho, Wo = math.floor(H * scales[0]), math.floor(W * scales[1])
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"upsample_nearest: {H}x{W} resized to {Ho}x{Wo} is empty")
     rows = nearest_source_index(H, Ho, scales[0])
     cols = nearest_source_index(W, Wo, scales[1])
     out = x.take(xp.asarray(rows), axis=2).take(xp.asarray(cols), axis=3)  # (N, C, Ho, Wo)

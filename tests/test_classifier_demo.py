@@ -13,7 +13,8 @@ from minimask.cli import main
 
 def test_a_short_demo_learns_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--steps", "60", "--out", str(out), "--seed", "0", "--no-progress"])
+    args = ["--steps", "60", "--out", str(out), "--seed", "0", "--no-progress"]
+    code = main(["classifier-demo", *args])
     assert code == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -55,6 +56,8 @@ def test_cli_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         main([])  # a command is required
     with pytest.raises(SystemExit):
-        main(["demo", "--steps", "0"])
+        main(["classifier-demo", "--steps", "0"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--iterations", "0"])
     with pytest.raises(SystemExit):
         main(["train-everything"])

@@ -1,0 +1,279 @@
+"""``python -m minimask.bench train``: the tiny Mask R-CNN against torchvision's, side by side.
+
+The peer is torchvision's ``MaskRCNN`` class assembled from torchvision parts with the ``tiny``
+preset's dimensions: the same ResNet (basic blocks, GroupNorm, the same widths, written in torch
+below since torchvision's ResNet has fixed widths), ``FeaturePyramidNetwork`` with
+``LastLevelMaxPool``, the same ``AnchorGenerator``, ``RPNHead``, ``MultiScaleRoIAlign`` poolers,
+``TwoMLPHead``, ``MaskRCNNHeads`` and predictors, the same sampling sizes and NMS settings.
+
+Two measurements, each framework in its own process (so peak memory is its own):
+
+1. **Speed and memory**: seconds per training iteration (median over ``--speed-iters`` after a
+   warm-up) and peak resident memory, at the same batch and image size.
+2. **Learning parity**: both train for ``--iterations`` on the same shapes stream with the same
+   optimizer and schedule, then both are evaluated by the same pycocotools code on the same
+   validation split.
+
+Ratios are minimask / torchvision: below 1 means minimask is faster or smaller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import time
+
+import numpy as np
+
+from minimask.bench.timing import machine
+
+LR, MOMENTUM, WEIGHT_DECAY, WARMUP, CLIP = 0.02, 0.9, 1e-4, 100, 10.0
+
+
+def _lr(i: int, iterations: int) -> float:
+    warm = min(1.0, 0.001 + (1 - 0.001) * i / WARMUP) if i < WARMUP else 1.0
+    return LR * warm * (0.1 if i >= int(0.8 * iterations) else 1.0)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+# ---------------------------------------------------------------------------- minimask
+def _minimask_job(mode: str, iterations: int, batch_size: int, queue) -> None:
+    from minimask.data.shapes import CLASSES  # noqa: PLC0415
+    from minimask.shapes_demo import build_model, evaluate_shapes, shapes_batches  # noqa: PLC0415
+    from minimask.train import TrainConfig, fit  # noqa: PLC0415
+
+    if mode == "speed":
+        from minimask.backend import rng  # noqa: PLC0415
+        from minimask.train import make_optimizer, total_loss  # noqa: PLC0415
+
+        model = build_model("tiny", 0, num_classes=len(CLASSES))
+        opt = make_optimizer(model, TrainConfig(lr=0.001))
+        get_batch = shapes_batches(0, batch_size)
+        times = []
+        for i in range(iterations + 3):
+            images, targets = get_batch(i)
+            start = time.perf_counter()
+            model.rng = rng(i)
+            loss = total_loss(model(images, targets))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        queue.put({"s_per_iter": float(np.median(times[3:])), "peak_mb": _peak_mb()})
+        return
+    import tempfile  # noqa: PLC0415
+
+    config = TrainConfig(
+        iterations=iterations, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+        warmup_iters=WARMUP, milestones=(int(0.8 * iterations),), clip_norm=CLIP,
+        checkpoint_every=iterations,
+    )  # fmt: skip
+    model = build_model("tiny", 0, num_classes=len(CLASSES))
+    with tempfile.TemporaryDirectory() as out:
+        fit(model, shapes_batches(0, batch_size), config, out, progress=False)
+        queue.put(evaluate_shapes(model, out, 100, 0, progress=False))
+
+
+# ---------------------------------------------------------------------------- torchvision
+def _torchvision_model():
+    """torchvision's MaskRCNN with the tiny preset's architecture (see the module docstring)."""
+    from collections import OrderedDict  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+    from torchvision.models.detection import MaskRCNN  # noqa: PLC0415
+    from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: PLC0415
+    from torchvision.models.detection.faster_rcnn import (  # noqa: PLC0415
+        FastRCNNPredictor,
+        TwoMLPHead,
+    )
+    from torchvision.models.detection.mask_rcnn import (  # noqa: PLC0415
+        MaskRCNNHeads,
+        MaskRCNNPredictor,
+    )
+    from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign  # noqa: PLC0415
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: PLC0415
+
+    from minimask.model.config import tiny  # noqa: PLC0415
+
+    c = tiny()
+
+    def conv_norm(c_in, c_out, k, stride=1):
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False),
+            nn.GroupNorm(min(c.group_norm_groups, c_out), c_out),
+        )
+
+    class Block(nn.Module):
+        def __init__(self, c_in, width, stride):
+            super().__init__()
+            self.conv1, self.conv2 = conv_norm(c_in, width, 3, stride), conv_norm(width, width, 3)
+            self.down = conv_norm(c_in, width, 1, stride) if stride != 1 or c_in != width else None
+
+        def forward(self, x):
+            short = x if self.down is None else self.down(x)
+            return torch.relu(self.conv2(torch.relu(self.conv1(x))) + short)
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_norm(3, c.stem_channels, 7, 2)
+            stages, c_in = [], c.stem_channels
+            for i, (n, w) in enumerate(zip(c.stage_blocks, c.stage_channels)):
+                blocks = [Block(c_in if b == 0 else w, w, (1 if i == 0 else 2) if b == 0 else 1)
+                          for b in range(n)]  # fmt: skip
+                stages.append(nn.Sequential(*blocks))
+                c_in = w
+            self.stages = nn.ModuleList(stages)
+            self.fpn = FeaturePyramidNetwork(
+                list(c.stage_channels), c.fpn_channels, extra_blocks=LastLevelMaxPool()
+            )
+            self.out_channels = c.fpn_channels
+
+        def forward(self, x):
+            x = nn.functional.max_pool2d(torch.relu(self.stem(x)), 3, 2, 1)
+            feats = OrderedDict()
+            for i, stage in enumerate(self.stages):
+                x = stage(x)
+                feats[str(i)] = x
+            return self.fpn(feats)
+
+    levels = ["0", "1", "2", "3"]
+    anchors = AnchorGenerator(tuple((s,) for s in c.anchor_sizes), (c.aspect_ratios,) * 5)
+    return MaskRCNN(
+        Backbone(),
+        num_classes=None,
+        min_size=c.min_size, max_size=c.max_size,
+        image_mean=list(c.image_mean), image_std=list(c.image_std),
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=c.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=c.rpn_batch_per_image,
+        box_roi_pool=MultiScaleRoIAlign(levels, c.box_pool_size, c.pool_sampling_ratio),
+        box_head=TwoMLPHead(c.fpn_channels * c.box_pool_size**2, c.box_fc_dim),
+        box_predictor=FastRCNNPredictor(c.box_fc_dim, c.num_classes),
+        box_batch_size_per_image=c.box_batch_per_image,
+        box_detections_per_img=c.detections_per_image,
+        mask_roi_pool=MultiScaleRoIAlign(levels, c.mask_pool_size, c.pool_sampling_ratio),
+        mask_head=MaskRCNNHeads(c.fpn_channels, list(c.mask_conv_channels), 1),
+        mask_predictor=MaskRCNNPredictor(c.mask_conv_channels[-1], c.mask_conv_channels[-1],
+                                         c.num_classes),
+    )  # fmt: skip
+
+
+def _torch_batch(samples):
+    import torch  # noqa: PLC0415
+
+    images = [torch.from_numpy(s["image"]) for s in samples]
+    targets = [{
+        "boxes": torch.from_numpy(s["boxes"]),
+        "labels": torch.from_numpy(s["labels"]),
+        "masks": torch.from_numpy(s["masks"]),
+    } for s in samples]  # fmt: skip
+    return images, targets
+
+
+def _torchvision_job(mode: str, iterations: int, batch_size: int, queue) -> None:
+    import torch  # noqa: PLC0415
+
+    from minimask.data.shapes import CLASSES, ShapesDataset, make_sample  # noqa: PLC0415
+    from minimask.evaluate import (  # noqa: PLC0415
+        coco_evaluate,
+        detections_to_results,
+        ground_truth_coco,  # noqa: PLC0415
+    )
+
+    torch.manual_seed(0)
+    model = _torchvision_model()
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+    )  # fmt: skip
+    model.train()
+    steps = iterations + 3 if mode == "speed" else iterations
+    times = []
+    for i in range(steps):
+        samples = [make_sample(0, i * batch_size + k) for k in range(batch_size)]
+        images, targets = _torch_batch(samples)
+        for g in opt.param_groups:
+            g["lr"] = 0.001 if mode == "speed" else _lr(i, iterations)
+        start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        if mode != "speed":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        times.append(time.perf_counter() - start)
+    if mode == "speed":
+        queue.put({"s_per_iter": float(np.median(times[3:])), "peak_mb": _peak_mb()})
+        return
+    model.eval()
+    val = list(ShapesDataset(100, seed=0))
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(val), 4):
+            chunk = val[start : start + 4]
+            outputs = model([torch.from_numpy(s["image"]) for s in chunk])
+            for s, out in zip(chunk, outputs):
+                det = {
+                    "boxes": out["boxes"].numpy(),
+                    "scores": out["scores"].numpy(),
+                    "labels": out["labels"].numpy(),
+                    "masks": (out["masks"][:, 0] >= 0.5).numpy().astype(np.uint8),
+                }
+                results += detections_to_results(s["image_id"], det)
+    queue.put(coco_evaluate(ground_truth_coco(val, CLASSES), results))
+
+
+# ---------------------------------------------------------------------------- driver
+def _in_process(job, *args):
+    ctx = mp.get_context("spawn")  # a fresh interpreter: its peak memory is its own
+    queue = ctx.Queue()
+    proc = ctx.Process(target=job, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main(repeat: int = 5, argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minimask.bench train")
+    parser.add_argument("--speed-iters", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=1000, help="parity training length")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--skip-parity", action="store_true")
+    args = parser.parse_args(argv)
+    import torch  # noqa: PLC0415 - the peer is required here
+
+    print(f"## Training benchmark: tiny preset, batch {args.batch_size}, 128x128 shapes\n")
+    print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    ours = _in_process(_minimask_job, "speed", args.speed_iters, args.batch_size)
+    theirs = _in_process(_torchvision_job, "speed", args.speed_iters, args.batch_size)
+    print("| | minimask | torchvision | ratio | goal |\n|---|---:|---:|---:|---|")
+    t_ratio = ours["s_per_iter"] / theirs["s_per_iter"]
+    m_ratio = ours["peak_mb"] / theirs["peak_mb"]
+    print(f"| s / iteration | {ours['s_per_iter']:.3f} | {theirs['s_per_iter']:.3f} | "
+          f"{t_ratio:.2f} | <= 2.0 {'ok' if t_ratio <= 2 else '**miss**'} |")  # fmt: skip
+    print(f"| peak RSS (MB) | {ours['peak_mb']:.0f} | {theirs['peak_mb']:.0f} | "
+          f"{m_ratio:.2f} | <= 1.5 {'ok' if m_ratio <= 1.5 else '**miss**'} |\n")  # fmt: skip
+    if args.skip_parity:
+        return
+    ours = _in_process(_minimask_job, "parity", args.iterations, args.batch_size)
+    theirs = _in_process(_torchvision_job, "parity", args.iterations, args.batch_size)
+    print(f"Learning parity after {args.iterations} iterations (100 validation images):\n")
+    print("| metric | minimask | torchvision | difference |\n|---|---:|---:|---:|")
+    for task in ("bbox", "segm"):
+        for k in ("AP", "AP50", "AP75"):
+            a, b = ours[task][k], theirs[task][k]
+            print(f"| {task} {k} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
+    print(json.dumps({"minimask": ours, "torchvision": theirs}))

@@ -1,0 +1,126 @@
+"""The backbone: a ResNet that turns an image into feature maps C2..C5 (He et al., 2016).
+
+Mask R-CNN §3.1 uses a ResNet-FPN backbone. The ResNet here has the layout of torchvision's
+``resnet*`` (``conv1``/``bn1`` stem, ``layer1``..``layer4`` stages, stride on the 3x3 conv of a
+bottleneck, "ResNet v1.5"), so that the ``r50_fpn`` preset matches torchvision layer for layer.
+
+Shape letters: N images, C channels, H×W the padded image size. The stages output
+
+    C2 (N, c2, H/4,  W/4)    C3 (N, c3, H/8,  W/8)
+    C4 (N, c4, H/16, W/16)   C5 (N, c5, H/32, W/32)
+
+with c_i = stage_channels[i] for basic blocks and 4·stage_channels[i] for bottlenecks.
+"""
+
+from __future__ import annotations
+
+from minimask.engine import Tensor
+from minimask.model.config import MaskRCNNConfig
+from minimask.nn import (
+    Conv2d,
+    FrozenBatchNorm2d,
+    GroupNorm,
+    Module,
+    ModuleList,
+    Sequential,
+    init,
+    max_pool2d,
+)
+
+
+def make_norm(config: MaskRCNNConfig, channels: int) -> Module:
+    """The normalisation layer the config asks for, over ``channels`` channels."""
+    if config.norm == "frozen_bn":
+        return FrozenBatchNorm2d(channels)
+    if config.norm == "group_norm":
+        return GroupNorm(min(config.group_norm_groups, channels), channels)
+    raise ValueError(f"config.norm={config.norm!r}; use 'frozen_bn' or 'group_norm'")
+
+
+def conv_norm(config, c_in: int, c_out: int, kernel: int, stride: int = 1) -> Sequential:
+    """A bias-free conv ("same" padding) followed by the norm: the ResNet unit."""
+    conv = Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
+    init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return Sequential(conv, make_norm(config, c_out))
+
+
+class BasicBlock(Module):
+    """Two 3x3 convs and a shortcut (ResNet-18/34): x -> relu(F(x) + shortcut(x))."""
+
+    expansion = 1
+
+    def __init__(self, config, c_in: int, width: int, stride: int):
+        super().__init__()
+        self.conv1 = conv_norm(config, c_in, width, 3, stride)
+        self.conv2 = conv_norm(config, width, width, 3)
+        c_out = width * self.expansion
+        self.downsample = (
+            conv_norm(config, c_in, c_out, 1, stride) if stride != 1 or c_in != c_out else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.conv2(self.conv1(x).relu())
+        return (out + shortcut).relu()
+
+
+class Bottleneck(Module):
+    """1x1 reduce, 3x3 (with the stride), 1x1 expand by 4, and a shortcut (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(self, config, c_in: int, width: int, stride: int):
+        super().__init__()
+        self.conv1 = conv_norm(config, c_in, width, 1)
+        self.conv2 = conv_norm(config, width, width, 3, stride)
+        self.conv3 = conv_norm(config, width, width * self.expansion, 1)
+        c_out = width * self.expansion
+        self.downsample = (
+            conv_norm(config, c_in, c_out, 1, stride) if stride != 1 or c_in != c_out else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.conv3(self.conv2(self.conv1(x).relu()).relu())
+        return (out + shortcut).relu()
+
+
+class ResNet(Module):
+    """Stem (7x7 stride-2 conv, 3x3 stride-2 max-pool) and four stages; returns [C2, C3, C4, C5]."""
+
+    def __init__(self, config: MaskRCNNConfig):
+        super().__init__()
+        blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
+        if config.block not in blocks:
+            raise ValueError(f"config.block={config.block!r}; use 'basic' or 'bottleneck'")
+        block = blocks[config.block]
+        self.stem = conv_norm(config, 3, config.stem_channels, 7, stride=2)
+        stages, c_in = [], config.stem_channels
+        for i, (n_blocks, width) in enumerate(zip(config.stage_blocks, config.stage_channels)):
+            stride = 1 if i == 0 else 2  # C2 keeps the stem's stride 4
+            layers = []
+            for b in range(n_blocks):
+                layers.append(block(config, c_in, width, stride if b == 0 else 1))
+                c_in = width * block.expansion
+            stages.append(Sequential(*layers))
+        self.stages = ModuleList(stages)
+        self.out_channels = [w * block.expansion for w in config.stage_channels]
+        self._freeze(config.trainable_stages)
+
+    def _freeze(self, trainable: int) -> None:
+        """Stop gradients to all but the last ``trainable`` of (stem, C2, C3, C4, C5)."""
+        if not 0 <= trainable <= 5:
+            raise ValueError(f"trainable_stages={trainable} must be in 0..5")
+        parts = [self.stem, *self.stages]
+        for part in parts[: len(parts) - trainable]:
+            for p in part.parameters():
+                p.requires_grad = False
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x).relu()
+        x = max_pool2d(x, 3, stride=2, padding=1)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features

@@ -1,0 +1,86 @@
+"""Drawing detections: boxes, class names, scores and translucent masks on an image.
+
+Used by ``minimask predict``, the demo's predictions figure and the lessons.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415 - plotting only when drawing
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def colour(k: int) -> np.ndarray:
+    """A distinct RGB colour in [0, 1] for index ``k`` (matplotlib's tab10 cycle)."""
+    plt = _pyplot()
+    return np.asarray(plt.get_cmap("tab10")(k % 10)[:3])
+
+
+def draw_detections(ax, image, detections: dict, class_names, score_thresh: float = 0.5,
+                    alpha: float = 0.45, title: str | None = None):  # fmt: skip
+    """Draw ``image`` (3, H, W) or (H, W, 3) in [0, 1] with its detections on a matplotlib axis.
+
+    ``detections`` holds ``boxes`` (D, 4) (x1, y1, x2, y2), ``labels`` (D,), optionally
+    ``scores`` (D,) (ground truth has none) and ``masks`` (D, H, W); detections scoring below
+    ``score_thresh`` are skipped.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[0] == 3:
+        image = image.transpose(1, 2, 0)  # (H, W, 3)
+    canvas = image.copy()
+    boxes = np.asarray(detections["boxes"]).reshape(-1, 4)
+    labels = np.asarray(detections["labels"]).reshape(-1)
+    scores = detections.get("scores")
+    masks = detections.get("masks")
+    shown = [i for i in range(len(boxes)) if scores is None or scores[i] >= score_thresh]
+    for n, i in enumerate(shown):  # blend masks first, so boxes and text stay on top
+        if masks is not None:
+            m = np.asarray(masks[i]).astype(bool)
+            canvas[m] = (1 - alpha) * canvas[m] + alpha * colour(n)
+    ax.imshow(np.clip(canvas, 0, 1))
+    for n, i in enumerate(shown):
+        x1, y1, x2, y2 = boxes[i]
+        c = colour(n)
+        ax.add_patch(_rectangle((x1, y1), x2 - x1, y2 - y1, c))
+        name = class_names[int(labels[i])] if int(labels[i]) < len(class_names) else labels[i]
+        text = f"{name}" if scores is None else f"{name} {float(scores[i]):.2f}"
+        ax.text(x1, y1, text, fontsize=7, color="white", va="bottom",
+                bbox={"facecolor": c, "alpha": 0.8, "pad": 1, "edgecolor": "none"})  # fmt: skip
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _rectangle(xy, width, height, edge):
+    from matplotlib.patches import Rectangle  # noqa: PLC0415
+
+    return Rectangle(xy, width, height, fill=False, edgecolor=edge, linewidth=1.5)
+
+
+def save_predictions_figure(path: str, samples, detections, class_names, columns: int = 4,
+                            score_thresh: float = 0.5) -> None:  # fmt: skip
+    """A grid of ground truth (top of each pair) and predictions (below) for a few samples."""
+    plt = _pyplot()
+    n = len(samples)
+    cols = min(columns, n)
+    rows = 2 * (-(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k, (s, det) in enumerate(zip(samples, detections)):
+        r, c = 2 * (k // cols), k % cols
+        draw_detections(axes[r, c], s["image"], s, class_names, title="ground truth")
+        draw_detections(
+            axes[r + 1, c], s["image"], det, class_names, score_thresh, title="prediction"
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
