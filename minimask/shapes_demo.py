@@ -27,7 +27,7 @@ from minimask.visualize import save_predictions_figure
 
 @dataclass(frozen=True)
 class DemoConfig:
-    iterations: int = 1500  # optimizer steps (about 8 minutes on 2 cores)
+    iterations: int = 1200  # optimizer steps (about 6 minutes on 2 idle cores)
     batch_size: int = 4  # images per step
     lr: float = 0.02  # SGD learning rate after warm-up
     warmup_iters: int = 100  # linear warm-up

@@ -145,7 +145,8 @@ def upsample_nearest_forward(x, size=None, scale_factor=None):
         raise ValueError(f"upsample_nearest: {H}x{W} resized to {Ho}x{Wo} is empty")
     rows = nearest_source_index(H, Ho, scales[0])
     cols = nearest_source_index(W, Wo, scales[1])
-    out = x.take(xp.asarray(rows), axis=2).take(xp.asarray(cols), axis=3)  # (N, C, Ho, Wo)
+    # Columns first: gathering along the last axis is the slow one, so do it on fewer rows.
+    out = x.take(xp.asarray(cols), axis=3).take(xp.asarray(rows), axis=2)  # (N, C, Ho, Wo)
     return out, UpsampleSaved(rows, cols, x.shape)
 
 
@@ -177,8 +178,8 @@ def upsample_nearest_backward(grad_out, saved: UpsampleSaved):
     """Gradient of :func:`upsample_nearest_forward`: each input pixel receives the sum of the
     gradients of the output pixels copied from it. Returns grad_x (N, C, H, W)."""
     H, W = saved.x_shape[2:]
-    grad = _sum_by_source(grad_out, saved.cols, W, axis=3)  # (N, C, Ho, W)
-    return _sum_by_source(grad, saved.rows, H, axis=2)  # (N, C, H, W)
+    grad = _sum_by_source(grad_out, saved.rows, H, axis=2)  # (N, C, H, Wo): rows first, as above
+    return _sum_by_source(grad, saved.cols, W, axis=3)  # (N, C, H, W)
 
 
 # ---------------------------------------------------------------------------- engine ops
