@@ -1,0 +1,364 @@
+"""RoIAlign (Mask R-CNN §3): a fixed-size feature grid for every box, without rounding.
+
+Shape letters: N images, C channels, H×W the feature map, K RoIs, PH×PW the output grid,
+G samples per bin along one axis. A RoI is a row ``[n, x1, y1, x2, y2]`` of a (K, 5) array:
+the image index ``n`` and a box in image pixels ``(x1, y1, x2, y2)`` (see ``boxes.py``).
+
+What it computes
+----------------
+The box is scaled to the feature map (``* spatial_scale``), shifted by half a cell when
+``aligned`` (so that box edges fall between cells, as pixel edges do), and split into PH×PW equal
+bins. Each bin averages ``Gy×Gx`` bilinear samples placed at the centres of a regular sub-grid::
+
+    y = y1 + ph * bin_h + (iy + 1/2) * bin_h / Gy        iy = 0..Gy-1
+    out[k, c, ph, pw] = 1/(Gy Gx) * sum_{iy, ix} bilinear(F[n, c], y, x)
+
+``sampling_ratio > 0`` fixes ``Gy = Gx = sampling_ratio``; ``<= 0`` adapts per RoI,
+``G = ceil(roi_size / out_size)``. Nothing is rounded, unlike RoIPool, which is the point (§3).
+
+Border rules, as torchvision's ``roi_align``: a sample with ``y < -1`` or ``y > H`` (or the same
+in x) counts as 0 but still counts in the average; otherwise y is clamped to ``[0, H-1]`` before
+interpolating. When not ``aligned``, a RoI is at least 1×1 cell (legacy Detectron behaviour).
+
+How it is computed: the separable form, in windows
+--------------------------------------------------
+Bilinear interpolation is a y-weight times an x-weight, the out-of-map rule is a y-test times an
+x-test, and averaging over the sub-grid is linear. So, per RoI, the whole op is two small
+matrices (:func:`axis_weights` builds them)::
+
+    out[k, c] = Ay[k] @ F[n, c] @ Ax[k].T        Ay[k]: (PH, H), Ax[k]: (PW, W)
+
+where ``Ay[k][ph, y]`` is the average y-weight that bin row ``ph`` puts on map row ``y``, whatever
+the number of samples. Backward is the transpose: ``dF[n, c] += Ay[k].T @ dout[k, c] @ Ax[k]``.
+
+Most columns of ``Ay[k]`` are zero: a RoI touches only the rows and columns under it, so the work
+is done in windows. The RoIs of an image are sorted by size and then along a Z-order curve and cut
+into blocks of ``BLOCK_ROIS`` neighbours. Each block is pooled one of two ways, whichever a cost
+estimate says is cheaper:
+
+* **shared window**: the smallest slice of the map that holds the whole block. The y-stage is one
+  GEMM ``(k·PH, h) @ (h, C·w)``, the x-stage a batch of small ones, and backward adds the result
+  into the gradient's slice. Best when the RoIs crowd together (a small map, or proposals around
+  one object); with the whole map as the window this is the plain dense form.
+* **own windows**: every RoI its own crop, gathered channels-last: the rows and the columns that
+  its samples touch (at most 2·G per bin and axis, however large the RoI, as in torchvision's
+  kernel). The stages are batched small GEMMs, and backward scatter-adds the crops. Best for RoIs
+  scattered over a large map (FPN's P2), where any shared window would be mostly empty.
+
+The Python loop runs over blocks, never over RoIs, bins or cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from minimask.backend import get_array_module, scatter_add, to_host
+from minimask.engine.tensor import Function, Tensor
+
+# RoIs pooled together (module docstring). Small blocks keep windows tight on the CPU; the GPU
+# prefers fewer, larger launches.
+BLOCK_ROIS = 16
+BLOCK_ROIS_GPU = 256
+# The cost of one cell of an own window (gathered in forward, scatter-added in backward) in
+# multiply-adds of a GEMM, for choosing between shared and own windows; measured on a 2-core x86.
+OWN_CELL_COST = 64
+
+
+def as_pair(size) -> tuple[int, int]:
+    """``7`` -> ``(7, 7)``; ``(7, 5)`` stays."""
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def check_rois(rois, num_images: int):
+    """Assert that ``rois`` is a (K, 5) array of ``[n, x1, y1, x2, y2]`` rows with valid ``n``."""
+    if rois.ndim != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois must have shape (K, 5) as [n, x1, y1, x2, y2], got {rois.shape}")
+    if rois.shape[0] and (bool((rois[:, 0] < 0).any()) or bool((rois[:, 0] >= num_images).any())):
+        raise ValueError(f"rois[:, 0] must be image indices in [0, {num_images})")
+    return rois
+
+
+def axis_weights(start, bin_size, grid, out_size: int, size: int):
+    """The (K, P, size) matrix that averages the bilinear samples of each bin along one axis.
+
+    ``A[k, p, i]`` is the weight that bin ``p`` of RoI ``k`` gives to map row (or column) ``i``:
+    the mean over the bin's ``grid[k]`` samples of their linear-interpolation weights, with
+    torchvision's border rules (module docstring). Rows of A sum to the fraction of samples that
+    fall inside ``[-1, size]``.
+
+    Args:
+        start: (K,) first RoI coordinate on the map, in cells (after scale and offset).
+        bin_size: (K,) bin length in cells.
+        grid: (K,) integer samples per bin; ``<= 0`` gives an all-zero row.
+        out_size: P, the number of bins.
+        size: the map length along this axis (H or W).
+    """
+    xp = get_array_module(start)
+    dtype = start.dtype
+    K = start.shape[0]
+    G = max(int(grid.max()), 1) if K else 1
+    p = xp.arange(out_size, dtype=dtype)[None, :, None]  # (1, P, 1)
+    g = xp.arange(G, dtype=dtype)[None, None, :]  # (1, 1, G)
+    start, bin_size = start[:, None, None], bin_size[:, None, None]  # (K, 1, 1)
+    count = xp.maximum(grid, 1).astype(dtype)[:, None, None]  # (K, 1, 1)
+    # the sample positions, in torchvision's order of operations so that float64 agrees exactly
+    pos = start + p * bin_size + (g + 0.5) * bin_size / count  # (K, P, G)
+    used = (g < grid[:, None, None]) & (pos >= -1) & (pos <= size)
+    weight = xp.where(used, 1 / count, 0)  # the 1/G of the average, or 0
+    pos = xp.maximum(pos, 0)
+    floor = xp.floor(pos)
+    at_end = floor >= size - 1  # past the last cell centre: all weight on the last cell
+    frac = xp.where(at_end, 0, pos - floor)
+    low = xp.minimum(floor, size - 1).astype(np.int64)
+    high = xp.minimum(low + 1, size - 1)
+    base = (xp.arange(K)[:, None, None] * out_size + xp.arange(out_size)[None, :, None]) * size
+    index = xp.concatenate([(base + low).ravel(), (base + high).ravel()])
+    values = xp.concatenate([(weight * (1 - frac)).ravel(), (weight * frac).ravel()])
+    A = xp.bincount(index, weights=values, minlength=K * out_size * size)
+    return A.reshape(K, out_size, size).astype(dtype, copy=False)
+
+
+def roi_weights(rois, output_size, spatial_scale, sampling_ratio, aligned, shape, dtype):
+    """``Ay`` (K, PH, H) and ``Ax`` (K, PW, W) of the separable form, for (K, 5) ``rois``.
+
+    The arithmetic runs in the features' dtype, as torchvision's kernels do.
+    """
+    xp = get_array_module(rois)
+    (PH, PW), (H, W) = output_size, shape
+    offset = 0.5 if aligned else 0.0
+    scaled = rois[:, 1:].astype(dtype) * dtype.type(spatial_scale) - dtype.type(offset)
+    x1, y1, x2, y2 = scaled.T  # (K,) each
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:  # legacy: force malformed RoIs to be at least 1x1
+        roi_w, roi_h = xp.maximum(roi_w, 1), xp.maximum(roi_h, 1)
+    if sampling_ratio > 0:
+        grid_h = grid_w = xp.full(rois.shape[0], sampling_ratio, dtype=np.int64)
+    else:  # adaptive: about one sample per cell
+        grid_h = xp.ceil(roi_h / PH).astype(np.int64)
+        grid_w = xp.ceil(roi_w / PW).astype(np.int64)
+    Ay = axis_weights(y1, roi_h / PH, grid_h, PH, H)
+    Ax = axis_weights(x1, roi_w / PW, grid_w, PW, W)
+    return Ay, Ax
+
+
+def touched(A):
+    """Which map rows (or columns) each RoI's (K, P, size) weights touch: (K, size) booleans,
+    with the first and last touched index and their count, each (K,) (0 for a RoI that touches
+    nothing along this axis)."""
+    xp = get_array_module(A)
+    size = A.shape[2]
+    hit = (A != 0).any(axis=1)  # (K, size)
+    cell = xp.arange(size)
+    first = xp.where(hit, cell, size).min(axis=1)
+    last = xp.where(hit, cell, -1).max(axis=1)
+    count = hit.sum(axis=1)
+    return hit, xp.where(count > 0, first, 0), xp.where(count > 0, last, 0), count
+
+
+def z_order(y, x):
+    """Position of integer points (y, x) along the Z-order (Morton) curve: the bits of y and x
+    interleaved. Points close along the curve are close in 2-D, so a run of RoIs sorted by it
+    covers a compact part of the map."""
+    xp = get_array_module(y)
+    code = xp.zeros(y.shape, dtype=np.int64)
+    for bit in range(16):  # maps up to 65536 cells a side
+        code |= ((y >> bit) & 1) << (2 * bit + 1) | ((x >> bit) & 1) << (2 * bit)
+    return code
+
+
+@dataclass
+class _Block:
+    """Up to BLOCK_ROIS RoIs of one image and the window(s) they are pooled in."""
+
+    image: int
+    index: object  # (k,) rows of rois
+    ay: object  # (k, PH, h): weights on the rows of the window(s)
+    ax: object  # (k, PW, w)
+    rows: slice = None  # shared window: map rows [y0, y1) and columns [x0, x1)
+    cols: slice = None
+    cells: object = None  # own windows: (k, w, h) map cells y * W + x, crop column by column
+
+
+def _first_touched(hit, count: int):
+    """The first ``count`` touched indices of each row of (k, size) booleans, in increasing order,
+    padded with untouched ones: (k, count)."""
+    xp = get_array_module(hit)
+    return xp.argsort((~hit).astype(np.int8), axis=1, kind="stable")[:, :count]
+
+
+def plan_blocks(ay_all, ax_all, image_of, num_images: int) -> list[_Block]:
+    """Group the RoIs of each image into blocks of similar size and nearby position, and choose
+    each block's windows (module docstring)."""
+    xp = get_array_module(ay_all)
+    PH, W = ay_all.shape[1], ax_all.shape[2]
+    size = BLOCK_ROIS if xp is np else BLOCK_ROIS_GPU
+    blocks = []
+    for n in range(num_images):  # a handful of images
+        index = xp.flatnonzero(image_of == n)
+        if index.size == 0:
+            continue
+        ay_n, ax_n = ay_all[index], ax_all[index]
+        hit_y, y_first, y_last, y_count = touched(ay_n)
+        hit_x, x_first, x_last, x_count = touched(ax_n)
+        extent = xp.maximum(y_last - y_first, x_last - x_first) + 1
+        size_class = xp.floor(xp.log2(extent)).astype(np.int64)
+        centre = z_order((y_first + y_last) // 2, (x_first + x_last) // 2)
+        order = xp.argsort(size_class << 32 | centre)  # by size, then along the Z curve
+        # every block's windows at once: pad the order to whole blocks with its last RoI
+        blocked = xp.concatenate([order, order[-1:].repeat(-order.size % size)]).reshape(-1, size)
+        union = [y_first[blocked].min(1), y_last[blocked].max(1) + 1]  # shared window
+        union += [x_first[blocked].min(1), x_last[blocked].max(1) + 1]
+        crops = [y_count[blocked].max(1), x_count[blocked].max(1)]  # own windows' size
+        plans = to_host(xp.stack(union + crops, axis=1)).tolist()  # (blocks, 6)
+        for i, (y0, y1, x0, x1, h, w) in enumerate(plans):
+            part = order[i * size : (i + 1) * size]
+            shared_cost = PH * (y1 - y0) * (x1 - x0)  # multiply-adds per RoI and channel
+            own_cost = h * w * (OWN_CELL_COST + PH)
+            if shared_cost <= own_cost:
+                rows, cols = slice(y0, y1), slice(x0, x1)
+                ay, ax = ay_n[part, :, rows], ax_n[part, :, cols]  # (k, PH, h), (k, PW, w)
+                blocks.append(_Block(n, index[part], ay, ax, rows=rows, cols=cols))
+            else:  # each RoI's own crop: the rows and columns its samples touch
+                rows, cols = _first_touched(hit_y[part], h), _first_touched(hit_x[part], w)
+                ay = xp.take_along_axis(ay_n[part], rows[:, None, :], axis=2)  # (k, PH, h)
+                ax = xp.take_along_axis(ax_n[part], cols[:, None, :], axis=2)  # (k, PW, w)
+                cells = cols[:, :, None] + rows[:, None, :] * W  # (k, w, h), column by column
+                blocks.append(_Block(n, index[part], ay, ax, cells=cells))
+    return blocks
+
+
+@dataclass
+class RoIAlignSaved:
+    """What :func:`roi_align_backward` needs: the input's shape and the blocks' weights."""
+
+    shape: tuple[int, int, int, int]
+    blocks: list
+
+
+def roi_align_forward(
+    features,
+    rois,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+):
+    """RoIAlign on plain arrays.
+
+    Args:
+        features: (N, C, H, W) float array.
+        rois: (K, 5) rows ``[n, x1, y1, x2, y2]``, boxes in image pixels.
+        output_size: PH×PW, an int or a pair.
+        spatial_scale: map cells per image pixel (1/16 for a stride-16 map).
+        sampling_ratio: samples per bin and axis; ``<= 0`` for ``ceil(roi_size / out_size)``.
+        aligned: shift by half a cell so that a box edge maps to a cell edge (Detectron2's fix).
+
+    Returns:
+        ``(out, saved)``: out (K, C, PH, PW), and what :func:`roi_align_backward` needs.
+    """
+    xp = get_array_module(features)
+    N, C, H, W = features.shape
+    PH, PW = output_size = as_pair(output_size)
+    rois = check_rois(xp.asarray(rois), N)
+    ay_all, ax_all = roi_weights(
+        rois, output_size, spatial_scale, sampling_ratio, aligned, (H, W), features.dtype
+    )
+    blocks = plan_blocks(ay_all, ax_all, rois[:, 0].astype(np.int64), N)
+    out = xp.empty((rois.shape[0], C, PH, PW), dtype=features.dtype)  # every RoI is written
+    pixels = {}  # per image, the map channels-last (H*W, C), for own windows
+    for b in blocks:
+        (k, _, h), w = b.ay.shape, b.ax.shape[2]
+        if b.cells is None:  # shared window, a (C, h, w) slice of the map
+            window = features[b.image, :, b.rows, b.cols]
+            rows = b.ay.reshape(k * PH, h) @ window  # (C, k*PH, w): the y-stage
+            pooled = rows.reshape(C, k, PH, w) @ b.ax.transpose(0, 2, 1)  # (C, k, PH, PW)
+            out[b.index] = pooled.transpose(1, 0, 2, 3)
+        else:  # own windows, gathered column by column
+            if b.image not in pixels:
+                pixels[b.image] = xp.ascontiguousarray(features[b.image].reshape(C, -1).T)
+            crops = pixels[b.image][b.cells]  # (k, w, h, C)
+            rows = b.ay[:, None] @ crops  # (k, w, PH, C): the y-stage
+            pooled = b.ax[:, None] @ rows.transpose(0, 2, 1, 3)  # (k, PH, PW, C): the x-stage
+            out[b.index] = pooled.transpose(0, 3, 1, 2)
+    return out, RoIAlignSaved(features.shape, blocks)
+
+
+def roi_align_backward(grad_out, saved: RoIAlignSaved):
+    """Gradient of RoIAlign with respect to the features.
+
+    Args:
+        grad_out: (K, C, PH, PW), the gradient of the output.
+        saved: from :func:`roi_align_forward`.
+
+    Returns:
+        (N, C, H, W): ``dF[n, c] = sum over RoIs k of image n of Ay[k].T @ grad_out[k, c] @ Ax[k]``.
+    """
+    xp = get_array_module(grad_out)
+    N, C, H, W = saved.shape
+    grad = xp.zeros(saved.shape, dtype=grad_out.dtype)
+    pixels = {}  # per image, the gradient of the own windows, channels-last (H*W*C,)
+    for b in saved.blocks:
+        (k, PH, h), w = b.ay.shape, b.ax.shape[2]
+        if b.cells is None:  # shared window
+            g = grad_out[b.index].transpose(1, 0, 2, 3)  # (C, k, PH, PW)
+            cols = (g @ b.ax).reshape(C, k * PH, w)  # the x-stage, transposed
+            grad[b.image, :, b.rows, b.cols] += b.ay.reshape(k * PH, h).T @ cols  # (C, h, w)
+        else:  # own windows
+            g = grad_out[b.index].transpose(0, 2, 3, 1)  # (k, PH, PW, C)
+            cols = b.ax.transpose(0, 2, 1)[:, None] @ g  # (k, PH, w, C): the x-stage, transposed
+            crops = b.ay.transpose(0, 2, 1)[:, None] @ cols.transpose(0, 2, 1, 3)  # (k, w, h, C)
+            if b.image not in pixels:
+                pixels[b.image] = xp.zeros(H * W * C, dtype=grad_out.dtype)
+            flat = b.cells[..., None] * C + xp.arange(C)  # (k, w, h, C) into (H*W*C,)
+            scatter_add(pixels[b.image], flat.ravel(), crops.ravel())
+    for n, g in pixels.items():
+        grad[n] += g.reshape(H * W, C).T.reshape(C, H, W)
+    return grad
+
+
+class RoIAlign(Function):
+    """RoIAlign as an engine op: gradient for the features only (RoIs are constants)."""
+
+    def forward(
+        self,
+        features,
+        rois=None,
+        output_size=7,
+        spatial_scale=1.0,
+        sampling_ratio=-1,
+        aligned=False,
+    ):
+        out, self.saved = roi_align_forward(
+            features, rois, output_size, spatial_scale, sampling_ratio, aligned
+        )
+        return out
+
+    def backward(self, grad):
+        return (roi_align_backward(grad, self.saved),)
+
+
+def roi_align(
+    x: Tensor,
+    rois,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign of a (N, C, H, W) tensor at (K, 5) ``[n, x1, y1, x2, y2]`` rois: (K, C, PH, PW).
+
+    Arguments as :func:`roi_align_forward`; same defaults as ``torchvision.ops.roi_align``.
+    """
+    rois = rois.data if isinstance(rois, Tensor) else rois
+    return RoIAlign.apply(
+        x,
+        rois=rois,
+        output_size=output_size,
+        spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+    )

@@ -1,0 +1,241 @@
+"""RoIPool (Fast R-CNN §2.1): max-pool each box into a fixed PH×PW grid of quantized bins.
+
+Shape letters: N images, C channels, H×W the feature map, K RoIs, PH×PW the output grid.
+A RoI is a row ``[n, x1, y1, x2, y2]`` of a (K, 5) array: image index and box in image pixels.
+
+What it computes (torchvision's ``roi_pool``, which follows the Fast R-CNN Caffe layer)
+----------------------------------------------------------------------------------------
+Two roundings, the ones RoIAlign removes (Mask R-CNN §3):
+
+1. The box is scaled and rounded to whole cells (half away from zero):
+   ``x1' = round(x1 * spatial_scale)``... and measured *inclusively*, as the Caffe layer did:
+   ``roi_w = max(x2' - x1' + 1, 1)``. This ``+ 1`` is the legacy pixel-count convention of
+   RoIPool, kept deliberately for torchvision parity; nothing else in minimask uses it.
+2. Bin ``pw`` covers cells ``[floor(pw * roi_w / PW), ceil((pw + 1) * roi_w / PW))`` shifted by
+   ``x1'`` and clipped to the map; bins may overlap by one cell. Same in y.
+
+``out[k, c, ph, pw]`` is the max of ``F[n, c]`` over the bin, or 0 for a bin that is empty
+after clipping. Backward sends each output's gradient to the cell that held the max (its argmax).
+
+How it is computed: scan keys in a sparse table
+-----------------------------------------------
+Bins have different sizes, so no fixed window can be vectorized. Instead, per image:
+
+1. Every cell of every channel gets one integer *key* that orders the cells as a max-pooling
+   scan prefers them: ``key = rank << bits | cell``, where ``rank`` numbers the channel's
+   distinct values from the largest down (equal values share a rank), ``cell = y * W + x`` and
+   ``bits`` is enough bits for a cell. The smallest key in a bin belongs to its largest value
+   and, among equal values, to the first cell in row-major order, which is exactly torchvision's
+   choice at ties. So one ``min`` finds both the max and its argmax (the low ``bits`` of the key).
+2. A 2-D sparse table ``T[a, b][y, x] = min key over the 2^a × 2^b block at (y, x)`` is built by
+   doubling: each level is the min of two shifted copies of the previous one.
+3. A bin of h×w cells is the union of four (possibly overlapping) 2^a × 2^b blocks at its
+   corners, ``a = floor(log2 h)``, ``b = floor(log2 w)``, so its key is the min of four table
+   lookups, done for every bin of a block of RoIs at once.
+
+A NaN in the input ranks above every number, so it reaches the output (torchvision skips it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from minimask.backend import get_array_module, scatter_add, to_host
+from minimask.engine.tensor import Function, Tensor
+from minimask.ops.roi_align import as_pair, check_rois
+
+# Outputs (RoIs × C × PH × PW) computed together: enough that the Python loop over blocks of RoIs
+# costs nothing next to the arithmetic, few enough that the temporaries stay in cache.
+BLOCK_OUTPUTS = 2**16
+
+
+def _round_half_away(x):
+    """C's ``round``: halves go away from zero (NumPy's ``round`` sends them to even)."""
+    xp = get_array_module(x)
+    return xp.sign(x) * xp.floor(xp.abs(x) + 0.5)
+
+
+def roi_bins(rois, output_size, spatial_scale, shape, dtype):
+    """Cell ranges of every bin, clipped to the map.
+
+    Returns ``(y_start, y_end, x_start, x_end)``: y ranges (K, PH) and x ranges (K, PW), integer,
+    each bin covering ``[start, end)``; ``end <= start`` marks an empty bin. The arithmetic runs
+    in the features' dtype, as torchvision's kernel does.
+    """
+    xp = get_array_module(rois)
+    (PH, PW), (H, W) = output_size, shape
+    corners = _round_half_away(rois[:, 1:].astype(dtype) * dtype.type(spatial_scale))
+    x1, y1, x2, y2 = corners.astype(np.int64).T  # (K,) each, in cells
+
+    def ranges(first, last, P, size):
+        length = xp.maximum(last - first + 1, 1).astype(dtype)  # inclusive count (see docstring)
+        bin_size = (length / dtype.type(P))[:, None]  # (K, 1)
+        p = xp.arange(P, dtype=dtype)[None, :]  # (1, P)
+        start = xp.floor(p * bin_size).astype(np.int64) + first[:, None]
+        end = xp.ceil((p + 1) * bin_size).astype(np.int64) + first[:, None]
+        return xp.clip(start, 0, size), xp.clip(end, 0, size)  # (K, P) each
+
+    return (*ranges(y1, y2, PH, H), *ranges(x1, x2, PW, W))
+
+
+def _floor_log2(n):
+    """floor(log2(n)) of positive integers, exact."""
+    xp = get_array_module(n)
+    return xp.floor(xp.log2(n.astype(np.float64))).astype(np.int64)
+
+
+def scan_keys(fmap):
+    """The keys of a (C, H, W) map (module docstring, step 1), channels last: (H*W, C).
+
+    Returns ``(keys, bits)``. The keys are int32 while they fit (maps of up to 2^15 cells, about
+    181×181), else int64.
+    """
+    xp = get_array_module(fmap)
+    C, H, W = fmap.shape
+    cells = H * W
+    bits = max(int(cells - 1).bit_length(), 1)
+    dtype = np.int32 if 2 * bits < 31 else np.int64
+    values = fmap.reshape(C, cells)
+    order = xp.argsort(-values, axis=1)  # (C, H*W): each channel's cells, largest value first
+    ranked = xp.take_along_axis(values, order, axis=1)
+    new_value = ranked[:, 1:] != ranked[:, :-1]  # (C, H*W - 1)
+    rank_in_order = xp.zeros((C, cells), dtype=dtype)
+    rank_in_order[:, 1:] = xp.cumsum(new_value, axis=1, dtype=dtype)
+    rank = xp.empty((C, cells), dtype=dtype)
+    rank[xp.arange(C)[:, None], order] = rank_in_order  # undo the sort
+    keys = rank << bits | xp.arange(cells, dtype=dtype)  # (C, H*W)
+    return xp.ascontiguousarray(keys.T), bits
+
+
+def sparse_table(keys, shape, levels_y: int, levels_x: int):
+    """Block minima of (H*W, C) keys: (levels_y, levels_x, H, W, C).
+
+    ``T[a, b, y, x]`` is the min over the 2^a × 2^b block whose top-left cell is (y, x); entries
+    whose block would cross the map's edge are left unset (no query reads them).
+    """
+    xp = get_array_module(keys)
+    H, W = shape
+    T = xp.empty((levels_y, levels_x, H, W, keys.shape[1]), dtype=keys.dtype)
+    T[0, 0] = keys.reshape(H, W, -1)
+    for b in range(1, levels_x):  # wider blocks, one row tall
+        step, fit = 2 ** (b - 1), W - 2**b + 1  # shift, and blocks of the new width that fit
+        xp.minimum(T[0, b - 1, :, :fit], T[0, b - 1, :, step : step + fit], out=T[0, b, :, :fit])
+    for a in range(1, levels_y):  # then taller blocks, for every width
+        step, fit = 2 ** (a - 1), H - 2**a + 1
+        xp.minimum(T[a - 1, :, :fit], T[a - 1, :, step : step + fit], out=T[a, :, :fit])
+    return T
+
+
+@dataclass
+class RoIPoolSaved:
+    """What :func:`roi_pool_backward` needs: the input's shape and every output's argmax."""
+
+    shape: tuple[int, int, int, int]
+    argmax: object  # (K, C, PH, PW) flat index into the (N, C, H, W) input; -1: empty bin
+
+
+def roi_pool_forward(features, rois, output_size, spatial_scale: float = 1.0):
+    """RoIPool on plain arrays.
+
+    Args:
+        features: (N, C, H, W) float array.
+        rois: (K, 5) rows ``[n, x1, y1, x2, y2]``, boxes in image pixels.
+        output_size: PH×PW, an int or a pair.
+        spatial_scale: map cells per image pixel (1/16 for a stride-16 map).
+
+    Returns:
+        ``(out, saved)``: out (K, C, PH, PW), and what :func:`roi_pool_backward` needs.
+    """
+    xp = get_array_module(features)
+    N, C, H, W = features.shape
+    PH, PW = output_size = as_pair(output_size)
+    rois = check_rois(xp.asarray(rois), N)
+    K = rois.shape[0]
+    if K == 0 or H == 0 or W == 0:
+        out = xp.zeros((K, C, PH, PW), dtype=features.dtype)
+        return out, RoIPoolSaved(features.shape, xp.full(out.shape, -1, dtype=np.int32))
+    index_dtype = np.int32 if features.size < 2**31 else np.int64  # int32 as torchvision
+    out = xp.empty((K, C, PH, PW), dtype=features.dtype)  # every RoI is written below
+    argmax = xp.empty((K, C, PH, PW), dtype=index_dtype)
+    y0, y1, x0, x1 = roi_bins(rois, output_size, spatial_scale, (H, W), features.dtype)
+    y0, y1 = y0[:, :, None], y1[:, :, None]  # (K, PH, 1)
+    x0, x1 = x0[:, None, :], x1[:, None, :]  # (K, 1, PW)
+    empty = (y1 <= y0) | (x1 <= x0)  # (K, PH, PW)
+    a = _floor_log2(xp.maximum(y1 - y0, 1))  # (K, PH, 1) table level along y
+    b = _floor_log2(xp.maximum(x1 - x0, 1))  # (K, 1, PW)
+    levels_y, levels_x = int(a.max()) + 1, int(b.max()) + 1
+    # the four blocks that cover each bin, as rows of the table seen as (levels*H*W, C)
+    top, bottom, left, right = y0, y1 - 2**a, x0, x1 - 2**b
+    level = a * levels_x + b  # (K, PH, PW)
+    corners = [(level * H + y) * W + x for y in (top, bottom) for x in (left, right)]
+    lookup = xp.where(empty, 0, xp.stack(corners))  # (4, K, PH, PW); empty bins: any valid row
+    # Work on the RoIs sorted by image, so that each block of RoIs is a slice of the outputs.
+    image_of = rois[:, 0].astype(np.int64)
+    order = xp.argsort(image_of, kind="stable")
+    bounds = to_host(xp.searchsorted(image_of[order], xp.arange(N + 1)))
+    lookup = lookup[:, order]
+    flat_features = features.reshape(-1)
+    block = max(1, BLOCK_OUTPUTS // (C * PH * PW))  # RoIs per block
+    for n in range(N):  # a handful of images
+        first, last = int(bounds[n]), int(bounds[n + 1])  # this image's RoIs, in sorted order
+        if first == last:
+            continue
+        keys, bits = scan_keys(features[n])
+        table = sparse_table(keys, (H, W), levels_y, levels_x).reshape(-1, C)  # (levels*H*W, C)
+        first_cell = ((n * C + xp.arange(C)) * (H * W)).astype(index_dtype)[:, None, None]
+        for start in range(first, last, block):  # blocks of RoIs, see BLOCK_OUTPUTS
+            part = slice(start, min(start + block, last))
+            key = table[lookup[0, part]]  # (k, PH, PW, C)
+            for corner in lookup[1:, part]:  # the other three corner blocks
+                xp.minimum(key, table[corner], out=key)
+            cell = argmax[part]  # (k, C, PH, PW), a view: filled in place
+            xp.bitwise_and(key.transpose(0, 3, 1, 2), (1 << bits) - 1, out=cell)
+            cell += first_cell  # now a flat index into the input
+            xp.take(flat_features, cell, out=out[part])
+    if bool((order != xp.arange(K)).any()):  # back to the order of rois
+        inverse = xp.argsort(order)
+        out, argmax = out[inverse], argmax[inverse]
+    if bool(empty.any()):  # empty bins (after clipping) give 0 and pass no gradient
+        out.transpose(0, 2, 3, 1)[empty] = 0
+        argmax.transpose(0, 2, 3, 1)[empty] = -1
+    return out, RoIPoolSaved(features.shape, argmax)
+
+
+def roi_pool_backward(grad_out, saved: RoIPoolSaved):
+    """Gradient of RoIPool: each output's gradient is added at its argmax cell.
+
+    Args:
+        grad_out: (K, C, PH, PW).
+        saved: from :func:`roi_pool_forward`.
+
+    Returns:
+        (N, C, H, W), zero except at cells that were a max of some bin.
+    """
+    xp = get_array_module(grad_out)
+    # One slot more than the input: the -1 of an empty bin indexes it, and it is then dropped.
+    grad = xp.zeros(math.prod(saved.shape) + 1, dtype=grad_out.dtype)
+    scatter_add(grad, saved.argmax.ravel(), grad_out.ravel())
+    return grad[:-1].reshape(saved.shape)
+
+
+class RoIPool(Function):
+    """RoIPool as an engine op: gradient for the features only (RoIs are constants)."""
+
+    def forward(self, features, rois=None, output_size=7, spatial_scale=1.0):
+        out, self.saved = roi_pool_forward(features, rois, output_size, spatial_scale)
+        return out
+
+    def backward(self, grad):
+        return (roi_pool_backward(grad, self.saved),)
+
+
+def roi_pool(x: Tensor, rois, output_size, spatial_scale: float = 1.0) -> Tensor:
+    """RoIPool of a (N, C, H, W) tensor at (K, 5) ``[n, x1, y1, x2, y2]`` rois: (K, C, PH, PW).
+
+    Same arguments and semantics as ``torchvision.ops.roi_pool``.
+    """
+    rois = rois.data if isinstance(rois, Tensor) else rois
+    return RoIPool.apply(x, rois=rois, output_size=output_size, spatial_scale=spatial_scale)

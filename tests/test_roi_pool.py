@@ -1,0 +1,211 @@
+"""RoIPool: torchvision, a nested-loop reference from Fast R-CNN, finite differences, invariants."""
+
+import math
+
+import numpy as np
+import pytest
+from helpers import check_gradients, requires_torchvision, torch, torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minimask.ops.roi_pool as roi_pool_module
+from minimask.engine import Tensor
+from minimask.ops.roi_pool import roi_pool, roi_pool_backward, roi_pool_forward
+
+
+# ---------------------------------------------------------------------------- the slow reference
+def reference_roi_pool(features, rois, output_size, scale):
+    """RoIPool as Fast R-CNN §2.1 describes it (with the Caffe rounding), one cell at a time.
+
+    The RoI is rounded to whole cells and split into PH×PW sub-windows of about (h/PH)×(w/PW)
+    cells; each output is the max over its sub-window, scanned row by row (the first maximum wins).
+    Returns the outputs and the argmax cells (flat in the input, -1 for empty bins).
+    """
+    N, C, H, W = features.shape
+    PH, PW = output_size
+    out = np.zeros((len(rois), C, PH, PW))
+    argmax = np.full((len(rois), C, PH, PW), -1)
+    for k, (n, *box) in enumerate(rois):
+        x1, y1, x2, y2 = (int(math.floor(abs(v * scale) + 0.5) * np.sign(v)) for v in box)
+        width, height = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)  # counted inclusively
+        for ph in range(PH):
+            top = min(max(y1 + math.floor(ph * height / PH), 0), H)
+            bottom = min(max(y1 + math.ceil((ph + 1) * height / PH), 0), H)
+            for pw in range(PW):
+                left = min(max(x1 + math.floor(pw * width / PW), 0), W)
+                right = min(max(x1 + math.ceil((pw + 1) * width / PW), 0), W)
+                for c in range(C):
+                    best, where = -math.inf, -1
+                    for y in range(top, bottom):
+                        for x in range(left, right):
+                            if features[int(n), c, y, x] > best:
+                                best, where = features[int(n), c, y, x], y * W + x
+                    if where >= 0:
+                        out[k, c, ph, pw] = best
+                        argmax[k, c, ph, pw] = (int(n) * C + c) * H * W + where
+    return out, argmax
+
+
+# ---------------------------------------------------------------------------- random cases
+@st.composite
+def cases(draw, max_side=14, max_rois=6, ties=False):
+    """Tie-free maps (a shuffled linspace), several images, RoIs of every size, some outside."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    H, W = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    K = draw(st.integers(0, max_rois))
+    scale = draw(st.sampled_from([1.0, 0.5, 0.25, 1 / 3]))
+    features = rng.permutation(N * C * H * W).reshape(N, C, H, W) / (N * C * H * W) - 0.5
+    if ties:  # few distinct values, so that most bins hold several maxima
+        features = np.round(features * 4)
+    corner = rng.uniform(-0.5, 1.2, (K, 2)) * [W / scale, H / scale]
+    size = np.exp(rng.uniform(-2, 3.5, (K, 2)))
+    size[rng.random((K, 2)) < 0.15] = 0
+    boxes = np.concatenate([corner, corner + size], axis=1)
+    if draw(st.booleans()):  # on the half-pixel grid: exercises the rounding of halves
+        boxes = np.round(boxes * 2) / 2
+    rois = np.concatenate([rng.integers(0, N, (K, 1)), boxes], axis=1)
+    output_size = (draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+    grad = rng.standard_normal((K, C) + output_size)
+    return dict(features=features, rois=rois, output_size=output_size, scale=scale, grad=grad)
+
+
+def run_ours(case):
+    out, saved = roi_pool_forward(
+        case["features"], case["rois"], case["output_size"], case["scale"]
+    )
+    return out, saved, roi_pool_backward(case["grad"], saved)
+
+
+def run_torchvision(case):
+    x = torch.tensor(case["features"], requires_grad=True)
+    out = torchvision.ops.roi_pool(
+        x, torch.tensor(case["rois"]), case["output_size"], case["scale"]
+    )
+    out.backward(torch.tensor(case["grad"]))
+    return out.detach().numpy(), x.grad.numpy()
+
+
+@requires_torchvision
+@pytest.mark.parametrize("block_outputs", [1, 2**16])
+@settings(max_examples=50)
+@given(case=cases())
+def test_matches_torchvision_values_and_gradients(case, block_outputs):
+    with pytest.MonkeyPatch.context() as patch:  # one RoI per block, or many
+        patch.setattr(roi_pool_module, "BLOCK_OUTPUTS", block_outputs)
+        out, _, grad = run_ours(case)
+    expected_out, expected_grad = run_torchvision(case)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-12)
+
+
+@requires_torchvision
+@settings(max_examples=30)
+@given(case=cases(ties=True))
+def test_ties_go_to_the_first_maximum_in_scan_order_as_torchvision(case):
+    out, _, grad = run_ours(case)
+    expected_out, expected_grad = run_torchvision(case)
+    np.testing.assert_array_equal(out, expected_out)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=25)
+@given(case=cases(max_side=8, max_rois=3))
+def test_matches_nested_loop_reference(case):
+    out, saved, _ = run_ours(case)
+    expected, expected_argmax = reference_roi_pool(
+        case["features"], case["rois"], case["output_size"], case["scale"]
+    )
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(saved.argmax, expected_argmax)
+
+
+@settings(max_examples=10)
+@given(case=cases(max_side=6, max_rois=3))
+def test_gradients_match_finite_differences(case):
+    # Tie-free maps: the values are at least 1/(N*C*H*W) apart, far more than eps = 1e-6.
+    def fn(x):
+        return roi_pool(x, case["rois"], case["output_size"], case["scale"])
+
+    check_gradients(fn, case["features"])
+
+
+# ---------------------------------------------------------------------------- invariants
+def test_hand_worked_4x4():
+    """The d2l example: X = arange(16) as a 4×4 map, two RoIs at spatial_scale 0.1, 2×2 output."""
+    X = np.arange(16.0).reshape(1, 1, 4, 4)  # X[y, x] = 4y + x
+    rois = np.array([[0, 0.0, 0.0, 20.0, 20.0], [0, 0.0, 10.0, 30.0, 30.0]])
+    out, saved = roi_pool_forward(X, rois, (2, 2), 0.1)
+    # RoI 1: corners round(0) = 0, round(2) = 2, so 3×3 cells (inclusive); bins of 1.5 cells:
+    # rows/cols [floor(0), ceil(1.5)) = [0, 2) and [floor(1.5), ceil(3)) = [1, 3).
+    #   max X[0:2, 0:2] = 5   max X[0:2, 1:3] = 6   max X[1:3, 0:2] = 9   max X[1:3, 1:3] = 10
+    # RoI 2: x in [0, 3] (4 cells, bins of 2: [0, 2), [2, 4)), y in [round(1), round(3)] = [1, 3]
+    # (3 cells, bins of 1.5: [1 + 0, 1 + 2) = [1, 3), [1 + 1, 1 + 3) = [2, 4)):
+    #   max X[1:3, 0:2] = 9   max X[1:3, 2:4] = 11   max X[2:4, 0:2] = 13   max X[2:4, 2:4] = 15
+    np.testing.assert_array_equal(out[:, 0], [[[5, 6], [9, 10]], [[9, 11], [13, 15]]])
+    # The gradient goes to the cell of each max, which is the value itself here (X[y, x] = 4y + x).
+    np.testing.assert_array_equal(saved.argmax[:, 0], out[:, 0])
+
+
+def test_rounding_goes_half_away_from_zero():
+    # 2.5 cells rounds to 3 (C's round), not 2 (NumPy's round half to even): the RoI is then the
+    # single column 3, whose max is X[:, 3].max() = 15.
+    X = np.arange(16.0).reshape(1, 1, 4, 4)
+    out, _ = roi_pool_forward(X, np.array([[0, 2.5, 0.0, 3.0, 3.0]]), (1, 1), 1.0)
+    assert out[0, 0, 0, 0] == 15
+
+
+def test_empty_roi_list():
+    F = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
+    out, saved = roi_pool_forward(F, np.zeros((0, 5)), (7, 5), 0.5)
+    assert out.shape == (0, 3, 7, 5)
+    np.testing.assert_array_equal(roi_pool_backward(np.zeros((0, 3, 7, 5)), saved), 0)
+
+
+def test_zero_width_and_outside_rois():
+    F = np.random.default_rng(0).permutation(50).reshape(1, 2, 5, 5) / 50.0
+    rois = np.array(
+        [
+            [0, 2.0, 2.0, 2.0, 2.0],  # zero-size: one cell (counted inclusively)
+            [0, 7.0, 7.0, 9.0, 9.0],  # fully outside: every bin is empty
+            [0, -9.0, -9.0, -3.0, -2.0],
+        ]
+    )
+    out, saved = roi_pool_forward(F, rois, (2, 3), 1.0)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[0], np.broadcast_to(F[0, :, 2:3, 2:3], (2, 2, 3)))
+    np.testing.assert_array_equal(out[1:], 0)
+    np.testing.assert_array_equal(saved.argmax[1:], -1)
+    grad = roi_pool_backward(np.ones_like(out), saved)
+    assert grad.sum() == 12  # the 2 channels × 6 bins of the first RoI, all on cell (2, 2)
+
+
+def test_tensor_op_float32_and_bad_rois():
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 4, 10, 10)).astype(np.float32), requires_grad=True)
+    rois = np.array([[1, 0.0, 0.0, 30.0, 20.0], [0, 5.0, 5.0, 10.0, 10.0]], dtype=np.float32)
+    out = roi_pool(x, rois, 3, spatial_scale=0.25)
+    assert out.shape == (2, 4, 3, 3) and out.dtype == np.float32
+    out.sum().backward()
+    assert x.grad.dtype == np.float32 and x.grad.sum() == 2 * 4 * 9
+    with pytest.raises(ValueError, match="image indices"):
+        roi_pool(x, np.array([[-1, 0.0, 0.0, 1.0, 1.0]]), 2)
+
+
+@pytest.mark.gpu
+def test_cpu_equals_gpu():
+    import cupy  # noqa: PLC0415 - only with a GPU
+
+    rng = np.random.default_rng(0)
+    F = rng.permutation(2 * 8 * 40 * 50).reshape(2, 8, 40, 50).astype(np.float32)
+    xy = rng.uniform(-20, 200, (300, 2))
+    rois = np.concatenate([rng.integers(0, 2, (300, 1)), xy, xy + rng.uniform(0, 120, (300, 2))], 1)
+    rois = rois.astype(np.float32)
+    grad = rng.standard_normal((300, 8, 7, 7)).astype(np.float32)
+    out, saved = roi_pool_forward(F, rois, 7, 0.25)
+    gpu_out, gpu_saved = roi_pool_forward(cupy.asarray(F), cupy.asarray(rois), 7, 0.25)
+    np.testing.assert_array_equal(gpu_out.get(), out)
+    np.testing.assert_array_equal(gpu_saved.argmax.get(), saved.argmax)
+    gpu_grad = roi_pool_backward(cupy.asarray(grad), gpu_saved)
+    np.testing.assert_allclose(gpu_grad.get(), roi_pool_backward(grad, saved), rtol=1e-6)
