@@ -58,11 +58,15 @@ class Workspace(threading.local):
     Why: a fresh array of tens of MB is new memory, and the OS zeroes every new page on first
     touch. For a conv's temporaries that page-faulting costs a large fraction of a GEMM, and BLAS
     threads writing into fresh pages wait on each other. Only temporaries that die inside one call
-    come from here; results and saved arrays are always fresh arrays.
+    come from here; results and saved arrays are always fresh arrays. The buffers stay as large
+    as the largest conv seen; :meth:`clear` gives the memory back.
     """
 
     def __init__(self):
         self.buffers = {}
+
+    def clear(self) -> None:
+        self.buffers.clear()
 
     def get(self, name: str, shape, dtype, xp):
         """An uninitialised C-contiguous array of ``shape``; it is overwritten by the next

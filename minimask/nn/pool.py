@@ -65,7 +65,7 @@ def max_pool2d_forward(x, kernel_size, stride=None, padding=0):
         candidate = padded[:, :, i : i + height : sh, j : j + width : sw]
         better = candidate > best  # strict: the earlier tap keeps a tie
         # Taps come in increasing order, so the winner is the last (largest) tap that was better.
-        xp.maximum(winner, better * np.uint8(tap), out=winner)
+        xp.maximum(winner, better.astype(np.uint8) * np.uint8(tap), out=winner)
         xp.maximum(best, candidate, out=best)
     return best, MaxPoolSaved(winner, x.shape, kernel, stride, padding)
 
@@ -135,11 +135,8 @@ def upsample_nearest_forward(x, size=None, scale_factor=None):
     if size is not None:
         (Ho, Wo), scales = _pair(size), (None, None)
     else:
-        scales = (
-            (float(scale_factor),) * 2
-            if isinstance(scale_factor, (int, float))
-            else tuple(map(float, scale_factor))
-        )
+        scales = (float(scale_factor),) * 2 if np.ndim(scale_factor) == 0 else scale_factor
+        scales = tuple(map(float, scales))
         Ho, Wo = math.floor(H * scales[0]), math.floor(W * scales[1])
     if Ho < 1 or Wo < 1:
         raise ValueError(f"upsample_nearest: {H}x{W} resized to {Ho}x{Wo} is empty")
@@ -161,16 +158,12 @@ def _sum_by_source(g, source: np.ndarray, size: int, axis: int):
     first = np.cumsum(copies) - copies
     shape = [1] * g.ndim
     shape[axis] = size
-    total = None
-    for k in range(int(copies.max(initial=0))):
+    total = 0
+    for k in range(int(copies.max())):  # the k-th copy of every source pixel at once
         picked = g.take(xp.asarray(np.minimum(first + k, len(source) - 1)), axis=axis)
         if not (copies > k).all():  # some sources have fewer than k + 1 copies: mask them out
             picked = picked * xp.asarray(copies > k).reshape(shape)
-        total = picked if total is None else total + picked
-    if total is None:
-        shape = list(g.shape)
-        shape[axis] = size
-        total = xp.zeros(shape, dtype=g.dtype)
+        total = total + picked
     return total
 
 
