@@ -29,6 +29,11 @@ lint: $(VENV)/.dev
 	$(PY) -m ruff check minimask tests
 	$(PY) -m ruff format --check minimask tests
 
+# Re-run every lesson in place, outputs and pictures included (each runs with lessons/ as its cwd).
+lessons: $(VENV)/.dev
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=120 --ExecutePreprocessor.record_timing=False lessons/*.ipynb
+
 bench: $(VENV)/.dev
 	$(PY) -m minimask.bench conv
 	$(PY) -m minimask.bench ops
