@@ -3,8 +3,9 @@
 Commands:
     demo             train the tiny Mask R-CNN on synthetic shapes, evaluate it, draw it
     train            train a Mask R-CNN preset (checkpoints, loss log and curve, --resume)
-    eval             COCO-style bbox and segm AP of a checkpoint
+    eval             COCO-style bbox and segm AP of a checkpoint (shapes, or a COCO split)
     predict          draw a checkpoint's detections on image files
+    data subset      write a smaller COCO dataset in the official layout
     classifier-demo  the foundation's tiny CNN classifier on synthetic shapes
 
 Each command is a pair of plain functions, ``_add_<name>(subparsers)`` to declare its options and
@@ -102,7 +103,21 @@ def _add_train(subparsers) -> None:
         "atomic checkpoint.npz every --checkpoint-every iterations; --resume continues exactly.",
     )
     p.add_argument("--preset", default="tiny", choices=("tiny", "r50_fpn"))
-    p.add_argument("--dataset", default="shapes", choices=("shapes",))
+    p.add_argument("--dataset", default="shapes", choices=("shapes", "coco"))
+    _add_coco_options(p, split="train2017")
+    p.add_argument(
+        "--categories",
+        default=None,
+        help="coco: comma-separated names or ids to train on (default: all)",
+    )
+    p.add_argument("--min-size", type=int, default=320, help="coco: shorter image side")
+    p.add_argument("--max-size", type=int, default=533, help="coco: longer side at most")
+    p.add_argument(
+        "--keep-empty",
+        action="store_true",
+        help="coco: also train on images with no annotation (background only)",
+    )
+    p.add_argument("--no-flip", action="store_true", help="coco: no random horizontal flip")
     p.add_argument("--iterations", type=int, default=t.iterations)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=t.lr, help="base learning rate")
@@ -135,7 +150,22 @@ def _run_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
-    train_shapes(args.preset, config, args.batch_size, args.out, args.resume, not args.no_progress)
+    if args.dataset == "coco":
+        from minimask.coco_training import train_coco  # noqa: PLC0415
+        from minimask.data.coco import CocoFormatError  # noqa: PLC0415
+
+        _need_root(args)
+        try:
+            train_coco(args.root, args.split, args.preset, config, args.batch_size, args.out,
+                       categories=args.categories, min_size=args.min_size,
+                       max_size=args.max_size, keep_empty=args.keep_empty,
+                       flip=not args.no_flip, resume=args.resume,
+                       progress=not args.no_progress)  # fmt: skip
+        except CocoFormatError as e:
+            raise SystemExit(f"minimask train: {e}") from e
+    else:
+        train_shapes(args.preset, config, args.batch_size, args.out, args.resume,
+                     not args.no_progress)  # fmt: skip
     print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, {args.out}/loss_curve.png")
     return 0
 
@@ -144,11 +174,29 @@ def _run_train(args) -> int:
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="COCO-style AP of a checkpoint on a dataset")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--dataset", default="shapes", choices=("shapes",))
+    p.add_argument("--dataset", default="shapes", choices=("shapes", "coco"))
+    _add_coco_options(p, split="val2017")
+    p.add_argument("--max-images", type=int, default=None, help="coco: evaluate the first N")
+    p.add_argument("--batch-size", type=int, default=2, help="coco: images per forward pass")
     p.add_argument("--val-images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes validation split")
     p.add_argument("--out", default=None, help="folder for metrics.json and predictions.png")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_eval)
+
+
+def _add_coco_options(p, split: str) -> None:
+    p.add_argument(
+        "--root",
+        default=None,
+        help="coco: folder with annotations/instances_<split>.json and <split>/",
+    )
+    p.add_argument("--split", default=split, help=f"coco: split name (default {split})")
+
+
+def _need_root(args) -> None:
+    if not args.root:
+        raise SystemExit(f"minimask {args.command}: --dataset coco needs --root DIR")
 
 
 def _run_eval(args) -> int:
@@ -157,6 +205,8 @@ def _run_eval(args) -> int:
 
     from minimask.shapes_demo import evaluate_shapes, model_from_checkpoint, summary_table  # noqa: PLC0415
 
+    if args.dataset == "coco":
+        return _run_eval_coco(args)
     model, _ = model_from_checkpoint(args.checkpoint)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
@@ -164,6 +214,30 @@ def _run_eval(args) -> int:
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(summary_table(metrics))
+    return 0
+
+
+def _run_eval_coco(args) -> int:
+    import os  # noqa: PLC0415
+
+    from minimask.coco_training import evaluate_coco, summary_lines  # noqa: PLC0415
+    from minimask.data.coco import CocoFormatError  # noqa: PLC0415
+    from minimask.shapes_demo import model_from_checkpoint  # noqa: PLC0415
+
+    _need_root(args)
+    model, meta = model_from_checkpoint(args.checkpoint)
+    if meta.get("dataset") != "coco":
+        raise SystemExit(f"{args.checkpoint} was trained on {meta.get('dataset')!r}, not coco")
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    try:
+        metrics = evaluate_coco(model, meta, args.root, args.split, out, args.max_images,
+                                args.batch_size, progress=not args.no_progress)  # fmt: skip
+    except CocoFormatError as e:
+        raise SystemExit(f"minimask eval: {e}") from e
+    print(summary_lines(metrics))
+    names = (f"results_{args.split}.json", "metrics.json", "pr_curves.png", "predictions.png")
+    written = [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n))]
+    print("wrote " + ", ".join(written))
     return 0
 
 
@@ -185,6 +259,38 @@ def _run_predict(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- data
+def _add_data(subparsers) -> None:
+    p = subparsers.add_parser("data", help="dataset tools (subset)")
+    tools = p.add_subparsers(dest="tool", metavar="tool", required=True)
+    s = tools.add_parser(
+        "subset",
+        help="write a smaller COCO dataset in the official layout",
+        description="Keep some categories, images and annotations of a COCO split and write "
+        "OUT/annotations/instances_<split>.json plus copies of the images in OUT/<split>/.",
+    )
+    s.add_argument("--annotations", required=True, help="instances_<split>.json")
+    s.add_argument("--images", required=True, help="the folder of the split's images")
+    s.add_argument("--categories", default=None, help="comma-separated names or ids")
+    s.add_argument("--max-images", type=int, default=None, help="at most this many images")
+    s.add_argument("--min-area", type=float, default=0.0,
+                   help="drop non-crowd annotations smaller than this (pixels)")  # fmt: skip
+    s.add_argument("--split", default=None, help="split name (default: from the JSON's name)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(run=_run_data_subset)
+
+
+def _run_data_subset(args) -> int:
+    from minimask.data.subset import build_subset  # noqa: PLC0415
+
+    if args.max_images is not None and args.max_images < 1:
+        raise SystemExit("minimask data subset: --max-images must be >= 1")
+    build_subset(args.annotations, args.images, args.out, args.categories, args.max_images,
+                 args.min_area, args.split, progress=not args.no_progress)  # fmt: skip
+    return 0
+
+
 # ---------------------------------------------------------------------------- the parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -195,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_predict(subparsers)
+    _add_data(subparsers)
     _add_classifier_demo(subparsers)
     return parser
 

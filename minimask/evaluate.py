@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -100,27 +101,89 @@ def detections_to_results(image_id: int, det: dict) -> list[dict]:
     return results
 
 
-def coco_evaluate(gt: COCO, results: list[dict], iou_types=("bbox", "segm"), verbose=False):
+def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids=None,
+                 category_ids=None) -> tuple[COCOeval, str]:  # fmt: skip
+    """``COCOeval`` of one IoU type, run quietly; returns it and its printed 12-line summary.
+
+    ``image_ids`` / ``category_ids`` restrict the evaluation (default: every image and category
+    of ``gt``), e.g. to the images that were actually read. For ``segm`` the entries' ``bbox``
+    is dropped first, so that pycocotools takes each detection's area from its mask (as the
+    COCO and Detectron evaluations do), not from its box. ``results`` is not modified.
+    """
+    results = [dict(r) for r in results]  # loadRes writes ids and areas into the entries
+    if iou_type == "segm":
+        for r in results:
+            r.pop("bbox", None)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ev = COCOeval(gt, gt.loadRes(results), iou_type)
+        if image_ids is not None:
+            ev.params.imgIds = sorted(int(i) for i in image_ids)
+        if category_ids is not None:
+            ev.params.catIds = sorted(int(c) for c in category_ids)
+        ev.evaluate()
+        ev.accumulate()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ev.summarize()
+    return ev, out.getvalue()
+
+
+def coco_evaluate(gt: COCO, results: list[dict], iou_types=("bbox", "segm"), verbose=False,
+                  image_ids=None, category_ids=None, evals: dict | None = None):  # fmt: skip
     """Run ``COCOeval`` for each IoU type; returns ``{iou_type: {stat name: value}}``.
 
     With no detections at all, every number is 0 (pycocotools cannot load an empty result).
+    ``verbose`` prints COCOeval's standard 12-number summary of each type; ``evals``, when a
+    dict, receives each type's ``COCOeval`` (for :func:`save_pr_curves`).
     """
     metrics = {}
     for iou_type in iou_types:
         if not results:
             metrics[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
             continue
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            dt = gt.loadRes(results)
-            ev = COCOeval(gt, dt, iou_type)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
+        ev, summary = run_cocoeval(gt, results, iou_type, image_ids, category_ids)
         if verbose:
-            print(f"{iou_type}:\n{out.getvalue()}")
+            print(f"{iou_type}:\n{summary}")
+        if evals is not None:
+            evals[iou_type] = ev
         metrics[iou_type] = {n: float(max(v, 0.0)) for n, v in zip(STAT_NAMES, ev.stats)}
     return metrics
+
+
+def write_results_json(path: str, results: list[dict]) -> None:
+    """Write detections in COCO's results format (a JSON list), readable by ``COCO.loadRes``."""
+    with open(path, "w") as f:
+        json.dump(results, f)
+
+
+def save_pr_curves(evals: dict, path: str) -> None:
+    """Precision against recall at IoU 0.5 and 0.75 (all areas, 100 detections), per IoU type.
+
+    Each curve is COCOeval's interpolated precision at 101 recall levels, averaged over the
+    categories that have ground truth (``eval["precision"]`` is (T, R, K, A, M)).
+    """
+    from minimask.visualize import _pyplot  # noqa: PLC0415 - plotting only when asked
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(len(evals), 1), figsize=(5 * max(len(evals), 1), 4),
+                             squeeze=False)  # fmt: skip
+    for ax, (iou_type, ev) in zip(axes[0], evals.items()):
+        precision = ev.eval["precision"]  # (T, R, K, A, M)
+        recall = ev.params.recThrs
+        for iou in (0.5, 0.75):
+            t = int(np.argmin(np.abs(ev.params.iouThrs - iou)))
+            p = precision[t, :, :, 0, -1]  # (R, K): area "all", the largest maxDets
+            valid = (p > -1).all(axis=0)
+            curve = p[:, valid].mean(axis=1) if valid.any() else np.zeros_like(recall)
+            ap = float(curve.mean())
+            ax.plot(recall, curve, label=f"IoU {iou:.2f} (AP {ap:.3f})")
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=iou_type)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 @no_grad()

@@ -1,0 +1,328 @@
+"""COCO instance segmentation: the official JSON layout, read through pycocotools.
+
+Layout (as COCO publishes it)::
+
+    ROOT/annotations/instances_<split>.json     images, annotations, categories
+    ROOT/<split>/<file_name>                    the JPEG files, e.g. ROOT/val2017/000000000139.jpg
+
+A sample is a dict in the model's format (see ``minimask/model/mask_rcnn.py``)::
+
+    image      (3, H, W) float32 RGB in [0, 1]
+    boxes      (G, 4) float32 (x1, y1, x2, y2) pixels: COCO's [x, y, w, h] -> [x, y, x+w, y+h]
+    labels     (G,) int64 in 1..K (contiguous; 0 is background)
+    masks      (G, H, W) uint8, decoded exactly as ``COCO.annToMask`` (polygons, RLE, crowd RLE)
+    is_crowd   (G,) bool: crowd regions, which the matchers use as ignore regions only
+    image_id   int (COCO's id);  file_name str;  orig_size (H, W) as stored in the JSON
+
+Shape letters: H, W image size; G instances of one image; K categories chosen.
+
+Coordinates are used as stored: the image's pixels as they lie in the file, with no EXIF rotation
+(COCO's annotations were drawn on the stored pixels). An image whose decoded size disagrees with
+its JSON entry is refused, never silently rescaled.
+
+Bad data never stops a run half-way. The JSON itself must be sound (valid JSON with ``images``,
+``annotations`` and ``categories``): otherwise :class:`CocoFormatError` names the file and the
+key. A bad annotation (zero-area box, polygon of < 3 points, box outside the image, unknown
+category...) is dropped (or its box clipped) and counted in :class:`DataProblems`, which warns
+once with a summary. A bad image (missing, unreadable, truncated, wrong size) raises
+:class:`BadImageError` naming the file and the image id; the training and evaluation loops count
+it as a skip and report it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import warnings
+from collections import Counter, defaultdict
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from minimask.data.images import BadImageError, read_image
+
+__all__ = ["BadImageError", "CocoDataset", "CocoFormatError", "DataProblems", "load_coco_json"]
+
+REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+class CocoFormatError(ValueError):
+    """The annotation file cannot be used at all (fatal): the message names the file and why."""
+
+
+class DataProblems:
+    """Counted skips and fixes of one data source, with the first few messages of each kind.
+
+    ``add`` returns None, so a cleaning function can ``return problems.add(...)`` to drop an item.
+    """
+
+    def __init__(self, source: str, examples: int = 3):
+        self.source, self.max_examples = source, examples
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples[kind]) < self.max_examples:
+            self.examples[kind].append(message)
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def summary(self) -> str:
+        """One line per kind: the count and the first messages."""
+        lines = [f"{self.source}: {sum(self.counts.values())} data problems"]
+        for kind, n in self.counts.most_common():
+            lines.append(f"  {n} x {kind}, e.g. " + "; ".join(self.examples[kind]))
+        return "\n".join(lines)
+
+    def warn(self) -> None:
+        if self:
+            warnings.warn(self.summary(), stacklevel=3)
+
+
+def load_coco_json(path: str) -> dict:
+    """Read a COCO annotation file; fatal problems raise :class:`CocoFormatError` naming it."""
+    if not os.path.exists(path):
+        raise CocoFormatError(f"no COCO annotation file at {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CocoFormatError(f"{path} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise CocoFormatError(f"{path} is not UTF-8 text: {e}") from e
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path} holds a JSON {type(data).__name__}, not a COCO object")
+    for key in REQUIRED_KEYS:
+        if key not in data:
+            raise CocoFormatError(
+                f"{path} has no '{key}' key (a COCO instances file needs "
+                f"{', '.join(REQUIRED_KEYS)}; it has {', '.join(sorted(data)) or 'none'})"
+            )
+        if not isinstance(data[key], list):
+            raise CocoFormatError(f"{path}: '{key}' must be a list, not {type(data[key]).__name__}")
+    return data
+
+
+class CocoDataset:
+    """A COCO split as model samples (module docstring), indexable by position.
+
+    Args:
+        annotation_file: ``instances_<split>.json``.
+        image_dir: the folder holding the split's image files.
+        categories: names or COCO ids to keep (default: all), mapped to labels 1..K in the
+            order of their COCO ids; the annotations of other categories are left out.
+        keep_empty: keep the images with no (non-crowd) annotation of the chosen categories.
+            Training skips them (default); evaluation keeps them (their detections are false
+            positives).
+
+    Attributes:
+        classes: ``["__background__", name_1, ..., name_K]`` for display.
+        category_ids: (K,) the COCO category id of each label 1..K (``category_ids[label - 1]``).
+        image_ids: the COCO ids of the images, in sample order.
+        coco: a pycocotools ``COCO`` over the cleaned annotations (the evaluation ground truth).
+        problems: the annotations dropped or fixed while loading (:class:`DataProblems`).
+    """
+
+    def __init__(self, annotation_file: str, image_dir: str, categories=None,
+                 keep_empty: bool = False):  # fmt: skip
+        self.annotation_file, self.image_dir = annotation_file, image_dir
+        data = load_coco_json(annotation_file)
+        self.problems = DataProblems(annotation_file)
+        known = category_names(data["categories"], annotation_file)
+        chosen = choose_categories(known, categories, annotation_file)
+        self.category_ids = np.array(chosen, dtype=np.int64)
+        self.cat_id_to_label = {c: k + 1 for k, c in enumerate(chosen)}
+        self.classes = ["__background__"] + [known[c] for c in chosen]
+
+        images = _clean_images(data["images"], self.problems)
+        anns_of = defaultdict(list)
+        for ann in data["annotations"]:
+            clean = _clean_annotation(ann, images, known, self.problems)
+            if clean is not None and clean["category_id"] in self.cat_id_to_label:
+                anns_of[clean["image_id"]].append(clean)
+        self.annotations_of = dict(anns_of)
+        ids = sorted(images)
+        if not keep_empty:
+            ids = [i for i in ids if any(not a["iscrowd"] for a in anns_of.get(i, ()))]
+        self.image_ids = ids
+        self.images = images
+        cleaned = {
+            "info": data.get("info", {}),
+            "images": [images[i] for i in sorted(images)],
+            "annotations": [a for i in sorted(anns_of) for a in anns_of[i]],
+            "categories": [{"id": c, "name": known[c]} for c in chosen],
+        }
+        self.coco = COCO()
+        self.coco.dataset = cleaned
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+        self.problems.warn()
+
+    @classmethod
+    def from_root(cls, root: str, split: str, **kwargs) -> CocoDataset:
+        """The split ``split`` (e.g. ``val2017``) of a dataset in the official layout."""
+        ann = os.path.join(root, "annotations", f"instances_{split}.json")
+        return cls(ann, os.path.join(root, split), **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        """K + 1: the model's ``num_classes`` (background included)."""
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.image_dir, self.images[self.image_ids[index]]["file_name"])
+
+    def __getitem__(self, index: int) -> dict:
+        """Sample ``index`` at its stored size; raises :class:`BadImageError` for a bad image."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        image_id = self.image_ids[index]
+        entry = self.images[image_id]
+        height, width = entry["height"], entry["width"]
+        image = read_image(self.image_path(index), image_id)  # (3, H, W)
+        if image.shape[1:] != (height, width):
+            raise BadImageError(
+                f"{self.image_path(index)} (image id {image_id}) is {image.shape[2]}x"
+                f"{image.shape[1]} pixels but {self.annotation_file} says {width}x{height}"
+            )
+        return {"image": image, **self.target(image_id), "orig_size": (height, width)}
+
+    def target(self, image_id: int) -> dict:
+        """The ground truth of one image (no pixels read): boxes, labels, masks, is_crowd."""
+        entry = self.images[image_id]
+        anns = self.annotations_of.get(image_id, [])
+        boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)  # xywh
+        boxes[:, 2:] += boxes[:, :2]  # (G, 4) x1y1x2y2
+        masks = np.zeros((len(anns), entry["height"], entry["width"]), dtype=np.uint8)
+        if anns:  # COCO.annToMask, for all instances in one decode
+            rles = [self.coco.annToRLE(a) for a in anns]
+            with warnings.catch_warnings():  # pycocotools' NumPy 2 copy=False notice
+                warnings.simplefilter("ignore", DeprecationWarning)
+                masks[:] = mask_utils.decode(rles).transpose(2, 0, 1)  # (H, W, G) -> (G, H, W)
+        return {
+            "boxes": boxes,
+            "labels": np.array([self.cat_id_to_label[a["category_id"]] for a in anns], np.int64),
+            "masks": masks,
+            "is_crowd": np.array([bool(a["iscrowd"]) for a in anns], dtype=bool),
+            "image_id": int(image_id),
+            "file_name": entry["file_name"],
+        }
+
+
+# ---------------------------------------------------------------------------- cleaning
+def category_names(entries, path) -> dict[int, str]:
+    known = {}
+    for c in entries:
+        if not isinstance(c, dict) or "id" not in c:
+            raise CocoFormatError(f"{path}: a category entry has no 'id': {c!r}")
+        known[int(c["id"])] = str(c.get("name", c["id"]))
+    if not known:
+        raise CocoFormatError(f"{path}: 'categories' is empty")
+    return known
+
+
+def choose_categories(known: dict[int, str], wanted, path) -> list[int]:
+    """COCO ids of the chosen categories (names or ids), sorted by id."""
+    if wanted is None:
+        return sorted(known)
+    if isinstance(wanted, str):
+        wanted = [w.strip() for w in wanted.split(",") if w.strip()]
+    by_name = {name: cid for cid, name in known.items()}
+    chosen = []
+    for w in wanted:
+        cid = by_name.get(w, int(w) if str(w).isdigit() else None)
+        if cid not in known:
+            names = ", ".join(sorted(by_name))
+            raise ValueError(f"no category {w!r} in {path}; it has: {names}")
+        chosen.append(cid)
+    return sorted(set(chosen))
+
+
+def _clean_images(entries, problems: DataProblems) -> dict[int, dict]:
+    images = {}
+    for entry in entries:
+        keys = ("id", "file_name", "height", "width")
+        missing = [k for k in keys if k not in entry] if isinstance(entry, dict) else list(keys)
+        if missing:
+            problems.add("image entry incomplete", f"image entry {entry!r:.80} lacks {missing}")
+            continue
+        try:
+            image_id, height, width = int(entry["id"]), int(entry["height"]), int(entry["width"])
+        except (TypeError, ValueError):
+            problems.add("image entry incomplete", f"image entry {entry!r:.80}: bad id or size")
+            continue
+        if image_id in images:
+            problems.add("duplicate image id", f"image id {image_id} appears twice")
+        else:
+            images[image_id] = {**entry, "id": image_id, "height": height, "width": width}
+    return images
+
+
+def _clean_annotation(ann: dict, images: dict, known: dict, problems: DataProblems):
+    """A usable copy of ``ann`` (bbox clipped, bad polygons dropped), or None (counted)."""
+    if not isinstance(ann, dict):
+        return problems.add("annotation incomplete", f"annotation {ann!r:.60} is not an object")
+    aid = ann.get("id", "?")
+    missing = [k for k in ("image_id", "category_id", "bbox", "segmentation") if k not in ann]
+    if missing:
+        return problems.add("annotation incomplete", f"annotation {aid} lacks {missing}")
+    image = images.get(ann["image_id"])
+    if image is None:
+        return problems.add("unknown image id", f"annotation {aid}: no image {ann['image_id']}")
+    where = f"annotation {aid} (image {ann['image_id']})"
+    if ann["category_id"] not in known:
+        return problems.add("unknown category id", f"{where}: category {ann['category_id']}")
+    bbox = ann["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not _numbers(bbox):
+        return problems.add("malformed box", f"{where}: bbox {bbox}")
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return problems.add("zero-area box", f"{where}: bbox {bbox}")
+    width, height = image["width"], image["height"]
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x2 <= x1 or y2 <= y1:
+        return problems.add("box outside the image", f"{where}: bbox {bbox} in {width}x{height}")
+    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        problems.add("box clipped to the image", f"{where}: bbox {bbox} in {width}x{height}")
+    segm = _clean_segmentation(ann["segmentation"], height, width, where, problems)
+    if segm is None:
+        return None
+    clean = {**ann, "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": segm}
+    clean["iscrowd"] = int(bool(ann.get("iscrowd", 0)))
+    clean.setdefault("area", (x2 - x1) * (y2 - y1))
+    return clean
+
+
+def _clean_segmentation(segm, height: int, width: int, where: str, problems: DataProblems):
+    if isinstance(segm, dict):  # RLE, compressed (counts: str) or not (counts: list)
+        if "counts" not in segm or list(segm.get("size", ())) != [height, width]:
+            return problems.add(
+                "bad RLE", f"{where}: RLE size {segm.get('size')} != {[height, width]}"
+            )
+        return segm
+    if not isinstance(segm, list):
+        return problems.add("bad segmentation", f"{where}: segmentation is {type(segm).__name__}")
+    polygons = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+    if not all(_numbers(p) for p in polygons):
+        return problems.add("bad segmentation", f"{where}: a polygon holds non-numbers")
+    if len(polygons) < len(segm):
+        dropped = len(segm) - len(polygons)
+        problems.add("polygon of < 3 points", f"{where}: {dropped} of {len(segm)} polygons dropped")
+    return polygons if polygons else None
+
+
+def _numbers(values) -> bool:
+    """Every value a finite int or float (JSON numbers; not bools, strings or null)."""
+    return all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    )
