@@ -27,6 +27,11 @@ def read_image(path: str) -> np.ndarray:
 
 def predict_files(checkpoint: str, paths, out_dir: str, score_thresh: float = 0.5) -> list[str]:
     """Draw the detections of ``checkpoint`` on each image; returns the written PNG paths."""
+    from minimask.data.transforms import (  # noqa: PLC0415
+        detections_to_original,
+        resize_image,
+        resized_size,
+    )
     from minimask.model.mask_rcnn import detections_to_host  # noqa: PLC0415
     from minimask.shapes_demo import model_from_checkpoint  # noqa: PLC0415
     from minimask.visualize import _pyplot, draw_detections  # noqa: PLC0415
@@ -36,10 +41,14 @@ def predict_files(checkpoint: str, paths, out_dir: str, score_thresh: float = 0.
     os.makedirs(out_dir, exist_ok=True)
     plt = _pyplot()
     written = []
+    c = model.config
     for path in paths:
         image = read_image(path)
-        (det,) = detections_to_host(model([image]))
         height, width = image.shape[1:]
+        # Predict at the size the model was trained at, then map back to the file's pixels.
+        size = resized_size(height, width, c.min_size, c.max_size)
+        (det,) = detections_to_host(model([resize_image(image, size)]))
+        det = detections_to_original(det, size, (height, width))
         fig, ax = plt.subplots(figsize=(6, 6 * height / width))
         kept = int((det["scores"] >= score_thresh).sum())
         draw_detections(ax, image, det, classes, score_thresh,
