@@ -124,20 +124,6 @@ def scatter_add(target, index, values) -> None:
         cupyx.scatter_add(target, index, values)
 
 
-def bincount_add(target, flat_index, values) -> None:
-    """In place ``target.ravel()[flat_index] += values`` for 1-D integer ``flat_index``.
-
-    A faster special case of :func:`scatter_add` (``bincount`` instead of ``add.at``) for the
-    hot paths: RoIAlign and RoIPool backward, and gather backward.
-    """
-    if not target.flags.c_contiguous:
-        raise ValueError("bincount_add needs a C-contiguous target")
-    xp = get_array_module(target)
-    flat = target.reshape(-1)  # a view, since target is contiguous
-    summed = xp.bincount(flat_index.ravel(), weights=values.ravel(), minlength=flat.size)
-    flat += summed.astype(target.dtype, copy=False)
-
-
 def rng(seed: int | None = None, xp: ModuleType = np):
     """A seeded random generator of ``xp``'s kind (``numpy.random.Generator`` or CuPy's)."""
     if xp is np:

@@ -13,7 +13,6 @@ from hypothesis.extra import numpy as hnp
 from minimask import backend
 from minimask.backend import (
     DeviceError,
-    bincount_add,
     default_device,
     device_of,
     get_array_module,
@@ -151,26 +150,6 @@ def test_scatter_add_matches_a_loop(case):
     np.testing.assert_allclose(target, loop_reference(n, index, values), atol=1e-12)
 
 
-@given(scatter_cases())
-def test_bincount_add_matches_a_loop(case):
-    n, index, values = case
-    target = np.ones(n)  # adds to what is there
-    bincount_add(target, index, values)
-    np.testing.assert_allclose(target, 1 + loop_reference(n, index, values), atol=1e-12)
-
-
-def test_bincount_add_indexes_the_flat_array_and_keeps_the_dtype():
-    target = np.zeros((2, 3), dtype=np.float32)
-    bincount_add(target, np.array([[5, 0], [5, 5]]), np.array([[1.0, 2.0], [3.0, 4.0]]))
-    assert target.dtype == np.float32
-    np.testing.assert_array_equal(target, [[2.0, 0.0, 0.0], [0.0, 0.0, 8.0]])
-
-
-def test_bincount_add_needs_a_contiguous_target():
-    with pytest.raises(ValueError, match="C-contiguous"):
-        bincount_add(np.zeros((3, 4)).T, np.array([0]), np.array([1.0]))
-
-
 # ---------------------------------------------------------------------------- random numbers
 def test_rng_is_deterministic_for_a_seed():
     a = rng(123).standard_normal(5)
@@ -196,10 +175,6 @@ def test_gpu_backend():
     target = cp.zeros(4)
     scatter_add(target, cp.asarray([0, 0, 2]), cp.asarray([1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(to_host(target), [3.0, 0.0, 3.0, 0.0])
-    target = cp.zeros((2, 3), dtype=cp.float32)
-    bincount_add(target, cp.asarray([5, 0, 5]), cp.asarray([1.0, 2.0, 3.0]))
-    assert target.dtype == cp.float32
-    np.testing.assert_array_equal(to_host(target), [[2.0, 0.0, 0.0], [0.0, 0.0, 4.0]])
 
     a = to_host(rng(7, cp).standard_normal(4))
     np.testing.assert_array_equal(a, to_host(rng(7, cp).standard_normal(4)))

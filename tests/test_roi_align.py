@@ -116,19 +116,27 @@ def run_torchvision(case, grad):
     return out.detach().numpy(), x.grad.numpy()
 
 
-# (RoIs per block, cost of an own-window cell): shared windows always, own windows always, or
+# (RoIs per block, cost of an own-window value): shared windows always, own windows always, or
 # the cost estimate's choice.
-BLOCKINGS = [(1, 10**9), (3, 10**9), (16, 10**9), (1, -1), (4, -1), (16, -1), (16, 64)]
+BLOCKINGS = [
+    (1, 10**9),
+    (3, 10**9),
+    (16, 10**9),
+    (1, -(10**9)),
+    (4, -(10**9)),
+    (16, -(10**9)),
+    (16, 64),
+]
 
 
 @requires_torchvision
-@pytest.mark.parametrize("block_rois, own_cell_cost", BLOCKINGS)
+@pytest.mark.parametrize("block_rois, own_value_cost", BLOCKINGS)
 @settings(max_examples=40)
 @given(case=cases())
-def test_matches_torchvision_values_and_gradients(case, block_rois, own_cell_cost):
+def test_matches_torchvision_values_and_gradients(case, block_rois, own_value_cost):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(roi_align_module, "BLOCK_ROIS", block_rois)
-        patch.setattr(roi_align_module, "OWN_CELL_COST", own_cell_cost)
+        patch.setattr(roi_align_module, "OWN_VALUE_COST", own_value_cost)
         out, grad_features, grad = run_ours(case)
     expected_out, expected_grad = run_torchvision(case, grad)
     np.testing.assert_allclose(out, expected_out, rtol=1e-6, atol=1e-12)
@@ -298,9 +306,9 @@ def test_cpu_equals_gpu():
     xy = rng.uniform(-20, 200, (300, 2))
     rois = np.concatenate([rng.integers(0, 2, (300, 1)), xy, xy + rng.uniform(0, 120, (300, 2))], 1)
     grad = rng.standard_normal((300, 8, 7, 7))
-    for sampling_ratio, aligned, own_cell_cost in [(2, False, 10**9), (-1, True, -1)]:
+    for sampling_ratio, aligned, own_value_cost in [(2, False, 10**9), (-1, True, -(10**9))]:
         with pytest.MonkeyPatch.context() as patch:  # shared windows, then own windows
-            patch.setattr(roi_align_module, "OWN_CELL_COST", own_cell_cost)
+            patch.setattr(roi_align_module, "OWN_VALUE_COST", own_value_cost)
             out, saved = roi_align_forward(F, rois, 7, 0.25, sampling_ratio, aligned)
             gpu_out, gpu_saved = roi_align_forward(
                 cupy.asarray(F), cupy.asarray(rois), 7, 0.25, sampling_ratio, aligned

@@ -36,20 +36,24 @@ is done in windows. The RoIs of an image are sorted by size and then along a Z-o
 into blocks of ``BLOCK_ROIS`` neighbours. Each block is pooled one of two ways, whichever a cost
 estimate says is cheaper:
 
-* **shared window**: the smallest slice of the map that holds the whole block. The y-stage is one
-  GEMM ``(k·PH, h) @ (h, C·w)``, the x-stage a batch of small ones, and backward adds the result
-  into the gradient's slice. Best when the RoIs crowd together (a small map, or proposals around
-  one object); with the whole map as the window this is the plain dense form.
+* **shared window**: the smallest slice of the map that holds the whole block. The y-stage is
+  ``(k·PH, h) @ window[c]`` for every channel c, the x-stage ``rows[c, k] @ Ax[k].T`` for every
+  channel and RoI, and backward adds the result into the gradient's slice. Best when the RoIs
+  crowd together (a small map, or proposals around one object); with the whole map as the window
+  this is the plain dense form.
 * **own windows**: every RoI its own crop, gathered channels-last: the rows and the columns that
   its samples touch (at most 2·G per bin and axis, however large the RoI, as in torchvision's
-  kernel). The stages are batched small GEMMs, and backward scatter-adds the crops. Best for RoIs
-  scattered over a large map (FPN's P2), where any shared window would be mostly empty.
+  kernel). The y-stage is one small product per RoI and crop column, the x-stage one per RoI and
+  bin row, and backward scatter-adds the crops. Best for RoIs scattered over a large map (FPN's
+  P2), where any shared window would be mostly empty.
 
-The Python loop runs over blocks, never over RoIs, bins or cells.
+Every stage is one NumPy call over a batch of small matrix products. The Python loop runs over
+blocks (and images), never over RoIs, bins or cells.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,9 +65,14 @@ from minimask.engine.tensor import Function, Tensor
 # prefers fewer, larger launches.
 BLOCK_ROIS = 16
 BLOCK_ROIS_GPU = 256
-# The cost of one cell of an own window (gathered in forward, scatter-added in backward) in
-# multiply-adds of a GEMM, for choosing between shared and own windows; measured on a 2-core x86.
-OWN_CELL_COST = 64
+# The largest matrix product (multiply-adds) of a shared window on the CPU when there are many
+# channels: BLAS runs small products on one thread each, larger ones on several threads, and one
+# such call per channel stalls often on a busy machine, where threads wait for each other.
+MAX_PRODUCT = 2**18
+# The cost of one value of an own window (gathered in forward, scatter-added in backward), and of
+# one of its cells (its index), in multiply-adds of a GEMM; measured on a 2-core x86.
+OWN_VALUE_COST = 64
+OWN_INDEX_COST = 64
 
 
 def as_pair(size) -> tuple[int, int]:
@@ -190,12 +199,13 @@ def _first_touched(hit, count: int):
     return xp.argsort((~hit).astype(np.int8), axis=1, kind="stable")[:, :count]
 
 
-def plan_blocks(ay_all, ax_all, image_of, num_images: int) -> list[_Block]:
+def plan_blocks(ay_all, ax_all, image_of, num_images: int, channels: int) -> list[_Block]:
     """Group the RoIs of each image into blocks of similar size and nearby position, and choose
     each block's windows (module docstring)."""
     xp = get_array_module(ay_all)
     PH, W = ay_all.shape[1], ax_all.shape[2]
     size = BLOCK_ROIS if xp is np else BLOCK_ROIS_GPU
+    largest = MAX_PRODUCT if xp is np else math.inf
     blocks = []
     for n in range(num_images):  # a handful of images
         index = xp.flatnonzero(image_of == n)
@@ -217,8 +227,9 @@ def plan_blocks(ay_all, ax_all, image_of, num_images: int) -> list[_Block]:
         for i, (y0, y1, x0, x1, h, w) in enumerate(plans):
             part = order[i * size : (i + 1) * size]
             shared_cost = PH * (y1 - y0) * (x1 - x0)  # multiply-adds per RoI and channel
-            own_cost = h * w * (OWN_CELL_COST + PH)
-            if shared_cost <= own_cost:
+            own_cost = h * w * (OWN_VALUE_COST + PH + OWN_INDEX_COST / channels)
+            few_calls = channels <= 4 or shared_cost * part.size <= largest  # see MAX_PRODUCT
+            if shared_cost <= own_cost and few_calls:
                 rows, cols = slice(y0, y1), slice(x0, x1)
                 ay, ax = ay_n[part, :, rows], ax_n[part, :, cols]  # (k, PH, h), (k, PW, w)
                 blocks.append(_Block(n, index[part], ay, ax, rows=rows, cols=cols))
@@ -264,10 +275,13 @@ def roi_align_forward(
     N, C, H, W = features.shape
     PH, PW = output_size = as_pair(output_size)
     rois = check_rois(xp.asarray(rois), N)
+    if H == 0 or W == 0:  # an empty map: every sample is outside it
+        out = xp.zeros((rois.shape[0], C, PH, PW), dtype=features.dtype)
+        return out, RoIAlignSaved(features.shape, [])
     ay_all, ax_all = roi_weights(
         rois, output_size, spatial_scale, sampling_ratio, aligned, (H, W), features.dtype
     )
-    blocks = plan_blocks(ay_all, ax_all, rois[:, 0].astype(np.int64), N)
+    blocks = plan_blocks(ay_all, ax_all, rois[:, 0].astype(np.int64), N, C)
     out = xp.empty((rois.shape[0], C, PH, PW), dtype=features.dtype)  # every RoI is written
     pixels = {}  # per image, the map channels-last (H*W, C), for own windows
     for b in blocks:
