@@ -220,11 +220,11 @@ def _explain_nan(model, images, targets, seed, i, values, ckpt) -> None:
 
 
 def plot_losses(log_path: str, png_path: str) -> None:
-    """Every loss term of ``losses.jsonl`` against the iteration, on a log scale."""
-    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
+    """Every loss term of ``losses.jsonl`` against the iteration, on a log scale.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    Uses a bare ``Figure`` (no pyplot), so it never changes the plotting backend of a notebook.
+    """
+    from matplotlib.figure import Figure  # noqa: PLC0415 - plotting only when asked
 
     with open(log_path) as f:
         records = [json.loads(line) for line in f]
@@ -232,7 +232,8 @@ def plot_losses(log_path: str, png_path: str) -> None:
         return
     keys = [k for k in records[0] if k not in ("iteration", "lr")]
     its = [r["iteration"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
     for k in keys:
         ax.plot(its, [max(r[k], 1e-6) for r in records], label=k, lw=2 if k == "total" else 1)
     ax.set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
@@ -240,4 +241,3 @@ def plot_losses(log_path: str, png_path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
