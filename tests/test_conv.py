@@ -1,4 +1,4 @@
-"""conv2d and conv_transpose2d, checked five ways (see DEVELOPERS.md and minimask/nn/conv.py).
+"""conv2d and conv_transpose2d, checked five ways (the method is in minimask/nn/conv.py).
 
 1. Backprop agrees with central finite differences in float64, on hypothesis-drawn small shapes,
    strides, paddings and dilations.

@@ -181,15 +181,48 @@ def _columns(x, geo: Geometry):
     return cols.reshape(-1, geo.rows * Wo)  # (K, R*Wo)
 
 
+def _unshifted_tap(geo: Geometry):
+    """The horizontal tap j that reads the image unshifted (``j*d == p``) in a stride-1 conv
+    that keeps the width (every 3x3 conv of ResNet, FPN and the heads), else None."""
+    (_, _, _, W), kw = geo.x_shape, geo.w_shape[3]
+    (pw, dw), same_width = (geo.padding[1], geo.dilation[1]), geo.out_size[1] == W
+    if geo.groups == 1 or geo.stride[1] != 1 or not same_width or pw % dw or pw // dw >= kw:
+        return None
+    return pw // dw
+
+
 def _fold(cols, geo: Geometry):
     """Adjoint of step 1: add every column back to the pixel it was copied from.
 
-    cols (K, R*Wo) -> grad_x (N, C, H, W); overlapping windows add up, padding is dropped.
+    cols (K, R*Wo) -> grad_x (N, C, H, W); overlapping windows add up, padding is dropped. cols
+    is scratch and may be overwritten.
     """
     xp = get_array_module(cols)
     N, C, H, W = geo.x_shape
-    B, Wo = geo.block, geo.out_size[1]
-    cols = cols.reshape(geo.w_shape[2] // geo.groups, geo.w_shape[3], C, geo.rows, Wo)
+    B, Wo, kw = geo.block, geo.out_size[1], geo.w_shape[3]
+    base = _unshifted_tap(geo)
+    if base is not None:
+        # The width is kept, so a shift by some columns is a flat shift of the whole (R*Wo) slab,
+        # except where a column sees the padding: it would wrap into the next row, so zero it.
+        # Then the taps add up with long contiguous adds, onto the unshifted tap's slab.
+        slabs = cols.reshape(kw, C, geo.rows, Wo)
+        total = slabs[base].reshape(C, geo.rows * Wo)
+        for (_, j), _, (w0, w1, _) in _taps(geo):
+            shift = j * geo.dilation[1] - geo.padding[1]
+            if shift == 0:
+                continue
+            slabs[j, :, :, :w0] = 0
+            slabs[j, :, :, w1:] = 0
+            flat = slabs[j].reshape(C, geo.rows * Wo)
+            if shift > 0:
+                total[:, shift:] += flat[:, :-shift]
+            else:
+                total[:, :shift] += flat[:, -shift:]
+        ph = geo.padding[0]
+        images = total[:, : N * B * Wo].reshape(C, N, B, Wo)[:, :, ph : ph + H]  # (C, N, H, W)
+        return images.transpose(1, 0, 2, 3).copy()  # (N, C, H, W)
+
+    cols = cols.reshape(geo.w_shape[2] // geo.groups, kw, C, geo.rows, Wo)
     grad = xp.zeros((N, C, H, W), cols.dtype)
     grad_cnhw = grad.transpose(1, 0, 2, 3)  # (C, N, H, W) view
     for (u, j), (t0, t1, rows), (w0, w1, columns) in _taps(geo):
