@@ -4,29 +4,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-
-def read_image(path: str) -> np.ndarray:
-    """An image file as a (3, H, W) float32 RGB array in [0, 1].
-
-    Raises:
-        FileNotFoundError / ValueError naming ``path`` when it is missing or not an image.
-    """
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no image file at {path}")
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path} as an image: {e}") from e
-    return array.transpose(2, 0, 1)  # (3, H, W)
-
 
 def predict_files(checkpoint: str, paths, out_dir: str, score_thresh: float = 0.5) -> list[str]:
     """Draw the detections of ``checkpoint`` on each image; returns the written PNG paths."""
+    from minimask.data.images import read_image  # noqa: PLC0415
     from minimask.data.transforms import (  # noqa: PLC0415
         detections_to_original,
         resize_image,

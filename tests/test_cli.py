@@ -37,9 +37,9 @@ def test_train_resume_eval_predict(tmp_path, capsys):
 def test_predict_names_a_bad_image_file(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    from minimask.predict import read_image
+    from minimask.data.images import read_image  # what predict reads files with
 
     with pytest.raises(ValueError, match="notes.png"):
         read_image(str(bad))
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(ValueError, match="missing.png"):
         read_image(str(tmp_path / "missing.png"))
