@@ -163,11 +163,10 @@ def save_pr_curves(evals: dict, path: str) -> None:
     Each curve is COCOeval's interpolated precision at 101 recall levels, averaged over the
     categories that have ground truth (``eval["precision"]`` is (T, R, K, A, M)).
     """
-    from minimask.visualize import _pyplot  # noqa: PLC0415 - plotting only when asked
+    from minimask.visualize import new_figure  # noqa: PLC0415 - plotting only when asked
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, max(len(evals), 1), figsize=(5 * max(len(evals), 1), 4),
-                             squeeze=False)  # fmt: skip
+    fig = new_figure((5 * max(len(evals), 1), 4))
+    axes = fig.subplots(1, max(len(evals), 1), squeeze=False)
     for ax, (iou_type, ev) in zip(axes[0], evals.items()):
         precision = ev.eval["precision"]  # (T, R, K, A, M)
         recall = ev.params.recThrs
@@ -183,7 +182,6 @@ def save_pr_curves(evals: dict, path: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 @no_grad()

@@ -15,12 +15,11 @@ def predict_files(checkpoint: str, paths, out_dir: str, score_thresh: float = 0.
     )
     from minimask.model.mask_rcnn import detections_to_host  # noqa: PLC0415
     from minimask.shapes_demo import model_from_checkpoint  # noqa: PLC0415
-    from minimask.visualize import _pyplot, draw_detections  # noqa: PLC0415
+    from minimask.visualize import draw_detections, new_figure  # noqa: PLC0415
 
     model, meta = model_from_checkpoint(checkpoint)
     classes = meta.get("classes") or [str(k) for k in range(model.config.num_classes)]
     os.makedirs(out_dir, exist_ok=True)
-    plt = _pyplot()
     written = []
     c = model.config
     for path in paths:
@@ -30,13 +29,13 @@ def predict_files(checkpoint: str, paths, out_dir: str, score_thresh: float = 0.
         size = resized_size(height, width, c.min_size, c.max_size)
         (det,) = detections_to_host(model([resize_image(image, size)]))
         det = detections_to_original(det, size, (height, width))
-        fig, ax = plt.subplots(figsize=(6, 6 * height / width))
+        fig = new_figure((6, 6 * height / width))
+        ax = fig.add_subplot()
         kept = int((det["scores"] >= score_thresh).sum())
         draw_detections(ax, image, det, classes, score_thresh,
                         title=f"{os.path.basename(path)}: {kept} detections")  # fmt: skip
         target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_pred.png")
         fig.tight_layout()
         fig.savefig(target, dpi=110)
-        plt.close(fig)
         written.append(target)
     return written

@@ -5,23 +5,20 @@ Used by ``minimask predict``, the demo's predictions figure and the lessons.
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
 
-def _pyplot():
-    import matplotlib  # noqa: PLC0415 - plotting only when drawing
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+def new_figure(figsize) -> Figure:
+    """A bare matplotlib ``Figure`` for saving to a file: no pyplot, so the plotting backend of
+    a notebook or a GUI session is never touched."""
+    return Figure(figsize=figsize)
 
 
 def colour(k: int) -> np.ndarray:
     """A distinct RGB colour in [0, 1] for index ``k`` (matplotlib's tab10 cycle)."""
-    plt = _pyplot()
-    return np.asarray(plt.get_cmap("tab10")(k % 10)[:3])
+    return np.asarray(matplotlib.colormaps["tab10"](k % 10)[:3])
 
 
 def draw_detections(ax, image, detections: dict, class_names, score_thresh: float = 0.5,
@@ -68,11 +65,11 @@ def _rectangle(xy, width, height, edge):
 def save_predictions_figure(path: str, samples, detections, class_names, columns: int = 4,
                             score_thresh: float = 0.5) -> None:  # fmt: skip
     """A grid of ground truth (top of each pair) and predictions (below) for a few samples."""
-    plt = _pyplot()
     n = len(samples)
     cols = min(columns, n)
     rows = 2 * (-(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    fig = new_figure((3 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for k, (s, det) in enumerate(zip(samples, detections)):
@@ -83,4 +80,3 @@ def save_predictions_figure(path: str, samples, detections, class_names, columns
         )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
