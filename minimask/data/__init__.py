@@ -1,1 +1,1 @@
-"""Datasets: synthetic shapes (and COCO, later)."""
+"""Datasets: synthetic shapes (``shapes``) and COCO in the official layout (``coco``)."""
