@@ -2,11 +2,12 @@
 
 ``minimask train --dataset coco --root ROOT`` calls :func:`train_coco`: read
 ``ROOT/annotations/instances_<split>.json``, build the preset with ``num_classes`` from the chosen
-categories, and run :func:`minimask.train.fit` on a deterministic stream of resized, randomly
-flipped batches (:class:`CocoBatches`). ``minimask eval --dataset coco`` calls
-:func:`evaluate_coco`: predict every image at the training scale, map the detections back to
-the stored image size, write them as a COCO results JSON (real COCO category ids, masks as RLE),
-and run COCOeval against the JSON's own ground truth (crowd regions included, as COCO does).
+categories, and run :func:`minimask.train.fit` on a deterministic stream of randomly flipped
+batches at the stored image size (:class:`CocoBatches`; the model resizes them itself).
+``minimask eval --dataset coco`` calls :func:`evaluate_coco`: predict every image (the model
+answers at the stored image size), write them as a COCO results JSON (real COCO category ids,
+masks as RLE), and run COCOeval against the JSON's own ground truth (crowd regions included, as
+COCO does).
 
 A bad image (missing, unreadable, wrong size) is a counted skip: the batch takes the next image
 of the epoch instead, and the summary is printed at the end of the run (see ``docs/coco.md``).
@@ -23,7 +24,7 @@ from dataclasses import asdict
 import numpy as np
 
 from minimask.data.coco import BadImageError, CocoDataset, DataProblems
-from minimask.data.transforms import detections_to_original, random_horizontal_flip, resize
+from minimask.data.transforms import random_horizontal_flip
 from minimask.engine import no_grad
 from minimask.evaluate import (
     STAT_NAMES,
@@ -64,7 +65,7 @@ class CocoBatches:
     """``i -> (images, targets)`` for :func:`minimask.train.fit`, deterministic in ``i``.
 
     Batch ``i`` holds stream positions ``p = i·B .. i·B + B - 1``; position ``p`` is image
-    ``perm_e[p mod N]`` of epoch ``e = p // N`` (``perm_e`` drawn from ``(seed, e)``), resized,
+    ``perm_e[p mod N]`` of epoch ``e = p // N`` (``perm_e`` drawn from ``(seed, e)``),
     and flipped when a coin drawn from ``(seed, p)`` says so. A bad image is replaced by the
     next one of the same epoch, remembered, and counted in :attr:`problems`.
 
@@ -72,12 +73,10 @@ class CocoBatches:
     pycocotools decode outside the GIL), so on a GPU the loading hides behind the step.
     """
 
-    def __init__(self, dataset: CocoDataset, batch_size: int, min_size: int, max_size: int,
-                 seed: int = 0, flip: bool = True):  # fmt: skip
+    def __init__(self, dataset: CocoDataset, batch_size: int, seed: int = 0, flip: bool = True):
         if len(dataset) == 0:
             raise ValueError(f"{dataset.annotation_file}: no image with annotations to train on")
         self.dataset, self.batch_size, self.seed, self.flip = dataset, batch_size, seed, flip
-        self.min_size, self.max_size = min_size, max_size
         self.problems = DataProblems(f"images of {dataset.image_dir}")
         self.bad: set[int] = set()
         self._perm: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
@@ -105,7 +104,6 @@ class CocoBatches:
                 self.bad.add(index)
                 self.problems.add("bad image skipped", str(e))
                 continue
-            sample = resize(sample, self.min_size, self.max_size)
             if self.flip:
                 coin = np.random.default_rng((self.seed, 1, position))
                 sample = random_horizontal_flip(sample, coin)
@@ -148,7 +146,7 @@ def train_coco(root: str, split: str, preset: str, train: TrainConfig, batch_siz
     log(f"training {preset} on {len(dataset)} images of {split} "
         f"({dataset.num_classes - 1} categories) at shorter side {min_size} "
         f"(longer <= {max_size}), batch {batch_size}")  # fmt: skip
-    batches = CocoBatches(dataset, batch_size, min_size, max_size, train.seed, flip)
+    batches = CocoBatches(dataset, batch_size, train.seed, flip)
     start = time.perf_counter()
     fit(model, batches, train, out_dir, resume, progress, meta)
     seconds = time.perf_counter() - start
@@ -168,7 +166,6 @@ def predict_coco(model: MaskRCNN, dataset: CocoDataset, indices, batch_size: int
     detection) pairs for drawing.
     """
     model.eval()
-    c = model.config
     problems = DataProblems(f"images of {dataset.image_dir}")
     results, image_ids, shown = [], [], []
     chunks = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
@@ -185,10 +182,8 @@ def predict_coco(model: MaskRCNN, dataset: CocoDataset, indices, batch_size: int
                 problems.add("bad image skipped", str(e))
         if not samples:
             continue
-        resized = [resize(s, c.min_size, c.max_size) for s in samples]
-        detections = detections_to_host(model([r["image"] for r in resized]))
-        for s, r, det in zip(samples, resized, detections):
-            det = detections_to_original(det, r["image"].shape[1:], s["orig_size"])
+        detections = detections_to_host(model([s["image"] for s in samples]))
+        for s, det in zip(samples, detections):  # detections are at the stored image size
             coco_ids = dataset.category_ids[det["labels"] - 1]  # labels 1..K -> COCO ids
             results += detections_to_results(s["image_id"], {**det, "labels": coco_ids})
             image_ids.append(s["image_id"])
@@ -253,10 +248,12 @@ def summary_lines(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def loading_throughput(dataset: CocoDataset, images: int = 50, min_size: int = MIN_SIZE,
-                       max_size: int = MAX_SIZE) -> float:  # fmt: skip
-    """Images per second of read + decode masks + resize + flip, on one core (no model)."""
-    batches = CocoBatches(dataset, 1, min_size, max_size)
+def loading_throughput(dataset: CocoDataset, images: int = 50) -> float:
+    """Images per second of read + decode masks + flip, on one core (no model).
+
+    Resizing is the model's first step (:mod:`minimask.model.transform`), not the loader's.
+    """
+    batches = CocoBatches(dataset, 1)
     start = time.perf_counter()
     for p in range(images):
         batches.sample(p)

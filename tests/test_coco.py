@@ -22,7 +22,6 @@ from minimask.coco_training import CocoBatches, coco_model_config
 from minimask.data.coco import CocoDataset
 from minimask.data.subset import build_subset
 from minimask.data.transforms import (
-    detections_to_original,
     horizontal_flip,
     random_horizontal_flip,
     resize,
@@ -176,8 +175,8 @@ def test_images_without_annotations_are_skipped_for_training_and_kept_for_evalua
 
 # ---------------------------------------------------------------------------- transforms
 def test_resized_size_follows_the_shorter_side_with_a_cap():
-    assert resized_size(480, 640, 320, 533) == (320, 427)
-    assert resized_size(640, 480, 800, 1333) == (1067, 800)
+    assert resized_size(480, 640, 320, 533) == (320, 426)  # floored, as torch's interpolate
+    assert resized_size(640, 480, 800, 1333) == (1066, 800)
     assert resized_size(100, 1000, 320, 533) == (53, 533)  # the longer side caps the scale
 
 
@@ -202,19 +201,6 @@ def test_resize_and_flip_move_boxes_and_masks_together(coco_root):
     coin = [random_horizontal_flip(big, np.random.default_rng(k)) is big for k in range(20)]
     again = [random_horizontal_flip(big, np.random.default_rng(k)) is big for k in range(20)]
     assert coin == again and 0 < sum(coin) < 20  # seeded, and both outcomes occur
-
-
-def test_detections_map_back_to_the_stored_image_size(coco_root):
-    s = CocoDataset.from_root(coco_root, "val2017")[0]  # 48x64
-    small = resize(s, 24, 100)  # 24x32
-    det = {"boxes": small["boxes"], "scores": np.ones(3), "labels": small["labels"],
-           "masks": small["masks"]}  # fmt: skip
-    back = detections_to_original(det, small["image"].shape[1:], s["orig_size"])
-    np.testing.assert_allclose(back["boxes"], s["boxes"], atol=1e-4)
-    assert back["masks"].shape == s["masks"].shape
-    inter = (back["masks"] & s["masks"]).sum(axis=(1, 2))
-    union = (back["masks"] | s["masks"]).sum(axis=(1, 2))
-    assert (inter / union > 0.75).all()
 
 
 # ---------------------------------------------------------------------------- crowd
@@ -297,15 +283,15 @@ def test_subset_builder_writes_a_dataset_pycocotools_loads(coco_root, tmp_path):
 # ---------------------------------------------------------------------------- training stream
 def test_batches_are_deterministic_and_cover_each_epoch(coco_root):
     ds = CocoDataset.from_root(coco_root, "val2017")
-    batches = CocoBatches(ds, batch_size=2, min_size=32, max_size=64, seed=3)
+    batches = CocoBatches(ds, batch_size=2, seed=3)
     ids = [s["image_id"] for i in range(3) for s in batches(i)[1]]
     assert sorted(ids[:3]) == [1, 2, 4] and sorted(ids[3:6]) == [1, 2, 4]
-    again = CocoBatches(ds, batch_size=2, min_size=32, max_size=64, seed=3)
+    again = CocoBatches(ds, batch_size=2, seed=3)
     images, targets = again(1)
     np.testing.assert_array_equal(images[0], batches(1)[0][0])
     assert [t["image_id"] for t in targets] == ids[2:4]
     for image, t in zip(images, targets):
-        assert image.shape[1:] == resized_size(*t["orig_size"], 32, 64)
+        assert image.shape[1:] == tuple(t["orig_size"])  # stored size: the model resizes
         assert t["masks"].shape[1:] == image.shape[1:]
 
 

@@ -143,7 +143,7 @@ def test_missing_unreadable_truncated_and_resized_images(tmp_path):
             ds[index]
 
     # Training: the epoch goes on with the good image, and the skips are counted once each.
-    batches = CocoBatches(ds, batch_size=2, min_size=30, max_size=64, seed=0)
+    batches = CocoBatches(ds, batch_size=2, seed=0)
     for i in range(6):  # more than two epochs of 5 images
         images_, targets = batches(i)
         assert [t["image_id"] for t in targets] == [1, 1]

@@ -6,8 +6,9 @@ import pytest
 from minimask.backend import rng
 from minimask.data.shapes import CLASSES, ShapesConfig, make_sample
 from minimask.model.config import get_config, r50_fpn, tiny
-from minimask.model.mask_head import paste_masks, project_masks
+from minimask.model.mask_head import project_masks
 from minimask.model.mask_rcnn import MaskRCNN, detections_to_host
+from minimask.model.transform import paste_masks
 from minimask.nn import SGD, clip_grad_norm, init
 from minimask.shapes_demo import build_model, shapes_batches
 from minimask.train import total_loss
@@ -177,8 +178,10 @@ def test_project_masks_and_paste_masks_on_a_box_shaped_mask():
     # aligned=False (torchvision's choice) samples half a pixel off, so only the last row and
     # column straddle the mask's edge; everything else is inside the mask.
     assert target.shape == (1, 28, 28) and target[0, :-1, :-1].min() == 1.0
-    pasted = paste_masks(np.ones((1, 28, 28)), box, (40, 60)) >= 0.5
-    np.testing.assert_array_equal(pasted[0], masks[0].astype(bool))
+    pasted = paste_masks(np.ones((1, 28, 28), np.float32), box, (40, 60), threshold=0.5)
+    # The paste rounds the zero-bordered box to whole pixels (as torchvision): within a pixel.
+    inter, union = (pasted[0] & masks[0]).sum(), (pasted[0] | masks[0]).sum()
+    assert inter / union > 0.9 and pasted[0, 12:28, 22:48].all() and not pasted[0, :8].any()
 
 
 @requires_torchvision
@@ -221,6 +224,8 @@ def test_r50_fpn_matches_torchvision_layer_for_layer():
     our_shapes = sorted(tuple(v.shape) for _, v in ours._named_state("_parameters", True))
     their_shapes = sorted(tuple(p.shape) for p in theirs.parameters())
     assert our_shapes == their_shapes
+    assert not any(not p.requires_grad for p in ours.parameters())  # from scratch: all train
+    ours.backbone.freeze(ours.config.trainable_stages)  # what loading pre-trained weights does
     our_frozen = sum(p.size for p in ours.parameters() if not p.requires_grad)
     theirs_frozen = sum(p.numel() for p in theirs.parameters() if not p.requires_grad)
     assert our_frozen == theirs_frozen  # stem and C2 frozen, as trainable_layers=3

@@ -194,13 +194,18 @@ class ReLU(Function):
         return (g * self.positive,)
 
 
+def sigmoid(a):
+    """The array function σ(a) = 1 / (1 + e^-a), computed without overflow for large |a|."""
+    xp = get_array_module(a)
+    e = xp.exp(-xp.abs(a))  # in (0, 1]: never overflows
+    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e))
+
+
 class Sigmoid(Function):
-    """1 / (1 + e^-a), computed without overflow for large |a|."""
+    """σ(a) (:func:`sigmoid`); its derivative is σ(a)·(1 - σ(a))."""
 
     def forward(self, a):
-        xp = get_array_module(a)
-        e = xp.exp(-xp.abs(a))  # in (0, 1]: never overflows
-        self.out = xp.where(a >= 0, 1 / (1 + e), e / (1 + e))
+        self.out = sigmoid(a)
         return self.out
 
     def backward(self, g):

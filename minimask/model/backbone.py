@@ -105,16 +105,20 @@ class ResNet(Module):
             stages.append(Sequential(*layers))
         self.stages = ModuleList(stages)
         self.out_channels = [w * block.expansion for w in config.stage_channels]
-        self._freeze(config.trainable_stages)
+        if not 0 <= config.trainable_stages <= 5:
+            raise ValueError(f"trainable_stages={config.trainable_stages} must be in 0..5")
 
-    def _freeze(self, trainable: int) -> None:
-        """Stop gradients to all but the last ``trainable`` of (stem, C2, C3, C4, C5)."""
+    def freeze(self, trainable: int) -> None:
+        """Train only the last ``trainable`` of (stem, C2, C3, C4, C5); stop gradients to the rest.
+
+        Called once pre-trained weights are loaded (see ``MaskRCNNConfig.trainable_stages``).
+        """
         if not 0 <= trainable <= 5:
             raise ValueError(f"trainable_stages={trainable} must be in 0..5")
         parts = [self.stem, *self.stages]
-        for part in parts[: len(parts) - trainable]:
+        for i, part in enumerate(parts):
             for p in part.parameters():
-                p.requires_grad = False
+                p.requires_grad = i >= len(parts) - trainable
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.stem(x).relu()

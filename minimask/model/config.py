@@ -33,8 +33,10 @@ class MaskRCNNConfig:
     stage_channels: tuple[int, ...] = (64, 128, 256, 512)  # bottleneck width of C2..C5
     norm: str = "frozen_bn"  # "frozen_bn" (weights trained elsewhere) or "group_norm"
     group_norm_groups: int = 32  # groups for "group_norm"
-    trainable_stages: int = 3  # of C5, C4, C3, C2, stem (counted from C5) this many train;
-    # the rest are frozen (torchvision's trainable_layers=3: C3..C5 train; 5 trains everything)
+    trainable_stages: int = 3  # with pre-trained weights loaded, of C5, C4, C3, C2, stem (counted
+    # from C5) this many train and the rest stay frozen (torchvision's trainable_layers=3: C3..C5
+    # train). Freezing random weights makes no sense, so a model trained from scratch trains every
+    # stage: the one place that decides is minimask.model.checkpoint.build_model.
 
     # ---------------------------------------------------------------- FPN
     fpn_channels: int = 256  # channels of every pyramid level P2..P6
@@ -58,6 +60,8 @@ class MaskRCNNConfig:
     # ---------------------------------------------------------------- box head (Fast R-CNN)
     box_pool_size: int = 7  # RoIAlign output, 7x7
     pool_sampling_ratio: int = 2  # bilinear samples per bin side in RoIAlign
+    roi_align_aligned: bool = False  # True shifts RoIs by -0.5 pixel (Detectron2's "aligned");
+    # False is the paper's and torchvision's MultiScaleRoIAlign (and its weights')
     box_fc_dim: int = 1024  # width of the two FC layers (TwoMLPHead)
     box_fg_iou: float = 0.5  # proposals with IoU >= this are foreground
     box_bg_iou: float = 0.5  # ... and below it background
@@ -72,6 +76,7 @@ class MaskRCNNConfig:
     mask_pool_size: int = 14  # RoIAlign output for the mask head, 14x14
     mask_conv_channels: tuple[int, ...] = (256, 256, 256, 256)  # the four 3x3 convs
     mask_threshold: float = 0.5  # paste: a pixel is in the mask when its probability >= this
+    # (the mask head's output size, 28 = 2 x mask_pool_size, follows from the layers)
 
     def replace(self, **changes) -> MaskRCNNConfig:
         """A copy with some fields changed (the config itself is frozen)."""

@@ -6,8 +6,8 @@ trained (:func:`minimask.ops.losses.mask_loss`): classes do not compete, the box
 class. The target is the GT mask cropped to the RoI and resized to 28×28 by RoIAlign of the binary
 mask (Mask R-CNN §3, "the mask target is the intersection between an RoI and its GT mask").
 
-At inference the predicted class's 28×28 probabilities are pasted into the image: resized to the
-box by bilinear interpolation and thresholded at 0.5.
+At inference each detection keeps the 28×28 logits of its predicted class; the model's transform
+(:mod:`minimask.model.transform`) pastes their probabilities once, into the original image.
 
 Shape letters: R RoIs, K classes, M = 28 the mask size, G GT masks, D detections, H×W image size.
 """
@@ -28,7 +28,9 @@ class MaskHead(Module):
 
     def __init__(self, config: MaskRCNNConfig, channels: int):
         super().__init__()
-        self.pooler = MultiScaleRoIAlign(config.mask_pool_size, config.pool_sampling_ratio)
+        self.pooler = MultiScaleRoIAlign(
+            config.mask_pool_size, config.pool_sampling_ratio, aligned=config.roi_align_aligned
+        )
         convs, c_in = [], channels
         for width in config.mask_conv_channels:
             convs.append(Conv2d(c_in, width, 3, padding=1))
@@ -39,7 +41,6 @@ class MaskHead(Module):
         for layer in [*self.convs, self.upsample, self.logits]:  # torchvision's mask head init
             init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             init.zeros_(layer.bias)
-        self.threshold = config.mask_threshold
 
     def forward(self, features, boxes, padded_size) -> Tensor:
         """Mask logits (R, K, 28, 28) for per-image boxes (a list of (R_i, 4) arrays)."""
@@ -50,30 +51,30 @@ class MaskHead(Module):
 
     def loss(self, features, sampled, targets, padded_size) -> Tensor:
         """L_mask on the foreground RoIs of the box head's sampled minibatch."""
-        boxes, labels, mask_targets = [], [], []
-        for (rois, lab, matches, _), target in zip(sampled, targets):
+        boxes, labels, matched = [], [], []
+        for rois, lab, matches, _ in sampled:
             fg = get_array_module(lab).flatnonzero(lab > 0)
             boxes.append(rois[fg])
             labels.append(lab[fg])
-            mask_targets.append(project_masks(target["masks"], rois[fg], matches[fg], 28))
+            matched.append(matches[fg])
         xp = get_array_module(labels[0])
-        logits = self.forward(features, boxes, padded_size)  # (R, K, 28, 28)
+        logits = self.forward(features, boxes, padded_size)  # (R, K, M, M)
+        m = logits.shape[-1]  # the targets take the logits' size, whatever the head's layers
+        mask_targets = [
+            project_masks(t["masks"], b, g, m) for t, b, g in zip(targets, boxes, matched)
+        ]
         return mask_loss(logits, xp.concatenate(labels), xp.concatenate(mask_targets))
 
     @no_grad()
-    def predict(self, features, detections, image_sizes, padded_size) -> None:
-        """Add ``masks`` (D, H, W) uint8 to each detection dict, in place."""
+    def predict(self, features, detections, padded_size) -> None:
+        """Add ``mask_logits`` (D, M, M), the logits of each detection's class, in place."""
         boxes = [d["boxes"] for d in detections]
-        logits = self.forward(features, boxes, padded_size).data  # (D, K, 28, 28)
+        logits = self.forward(features, boxes, padded_size).data  # (D, K, M, M)
         xp = get_array_module(logits)
         start = 0
-        for det, size in zip(detections, image_sizes):
+        for det in detections:
             d = len(det["boxes"])
-            picked = logits[xp.arange(start, start + d), det["labels"]]  # (D, 28, 28)
-            probs = 1 / (1 + xp.exp(-picked))
-            det["masks"] = (paste_masks(probs, det["boxes"], size) >= self.threshold).astype(
-                xp.uint8
-            )
+            det["mask_logits"] = logits[xp.arange(start, start + d), det["labels"]]  # (D, M, M)
             start += d
 
 
@@ -91,44 +92,3 @@ def project_masks(gt_masks, boxes, matches, size: int):
     rois = xp.concatenate([matches[:, None].astype(boxes.dtype), boxes], axis=1)  # (R, 5)
     out, _ = roi_align_forward(masks, rois, size, 1.0, -1, False)  # torchvision's settings
     return out[:, 0]  # (R, size, size)
-
-
-def _paste_weights(start, extent, m: int, pixels: int, xp):
-    """(D, pixels, m + 2) bilinear weights from a zero-bordered m-wide mask to image pixels.
-
-    Detection d's mask covers [start_d, start_d + extent_d) in pixels. The mask gets a zero
-    border of one cell and the box grows by the same fraction (as torchvision's paste), so the
-    resized mask fades to 0 at the box edge instead of ending in a step.
-    """
-    scale = (m + 2) / m
-    extent = xp.maximum(extent, 1e-6)  # a zero-width box pastes nothing instead of NaN
-    centre = start + extent / 2
-    start, extent = centre - extent * scale / 2, extent * scale  # the grown box, (D,)
-    px = xp.arange(pixels, dtype=start.dtype) + 0.5  # pixel centres
-    u = (px[None, :] - start[:, None]) / extent[:, None] * (m + 2) - 0.5  # (D, pixels)
-    u = xp.clip(u, 0, m + 1)  # beyond the border: the zero border cell
-    low = xp.minimum(xp.floor(u).astype(xp.int64), m)  # (D, pixels)
-    frac = u - low
-    weights = xp.zeros((len(start), pixels, m + 2), dtype=start.dtype)
-    d, p = xp.indices(low.shape)
-    weights[d, p, low] = 1 - frac
-    weights[d, p, low + 1] += frac
-    return weights
-
-
-def paste_masks(probs, boxes, image_size):
-    """Paste (D, M, M) mask probabilities into (D, H, W) images, each stretched over its box.
-
-    Bilinear resizing is separable, so each pasted mask is ``Wy (H×M') @ P (M'×M') @ Wx^T``
-    with M' = M + 2 (the zero border): two batched matrix products, no loop over detections.
-    """
-    xp = get_array_module(probs)
-    height, width = image_size
-    d, m = probs.shape[0], probs.shape[-1]
-    if d == 0:
-        return xp.zeros((0, height, width), dtype=probs.dtype)
-    padded = xp.pad(probs, ((0, 0), (1, 1), (1, 1)))  # (D, M+2, M+2)
-    boxes = boxes.astype(probs.dtype)
-    wy = _paste_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], m, height, xp)  # (D, H, M+2)
-    wx = _paste_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], m, width, xp)  # (D, W, M+2)
-    return wy @ padded @ wx.transpose(0, 2, 1)  # (D, H, W)

@@ -56,7 +56,9 @@ class RoIHeads(Module):
     def __init__(self, config: MaskRCNNConfig, channels: int):
         super().__init__()
         self.config = config
-        self.pooler = MultiScaleRoIAlign(config.box_pool_size, config.pool_sampling_ratio)
+        self.pooler = MultiScaleRoIAlign(
+            config.box_pool_size, config.pool_sampling_ratio, aligned=config.roi_align_aligned
+        )
         self.head = TwoMLPHead(channels * config.box_pool_size**2, config.box_fc_dim)
         self.predictor = BoxPredictor(config.box_fc_dim, config.num_classes)
         self.box_coder = BoxCoder(config.box_coder_weights)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from minimask.backend import get_array_module
 from minimask.engine import Function, Tensor, where
+from minimask.engine.ops import sigmoid
 
 # torchvision's box-regression smooth-L1 uses beta = 1/9 in both the RPN and the box head: a
 # quadratic zone of |d| < 1/9, so the loss is close to L1 for all but very accurate deltas.
@@ -144,11 +145,8 @@ class BinaryCrossEntropyWithLogits(Function):
         return xp.maximum(x, 0) - x * z + xp.log1p(xp.exp(-xp.abs(x)))
 
     def backward(self, g):
-        xp = get_array_module(g)
         x = self.x
-        e = xp.exp(-xp.abs(x))  # in (0, 1]: σ without overflow, as in the engine's Sigmoid
-        sigmoid = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
-        gx = g * (sigmoid - self.z) if self.wants(0) else None
+        gx = g * (sigmoid(x) - self.z) if self.wants(0) else None
         gz = -g * x if self.wants(1) else None
         return gx, gz
 
