@@ -4,18 +4,21 @@ Commands:
     demo             train the tiny Mask R-CNN on synthetic shapes, evaluate it, draw it
     train            train a Mask R-CNN preset (checkpoints, loss log and curve, --resume)
     eval             COCO-style bbox and segm AP of a checkpoint (shapes, or a COCO split)
-    predict          draw a checkpoint's detections on image files
+    predict          detect in image files: drawings and COCO results JSON
+    export           write a checkpoint in torchvision's names (.pth, .safetensors)
     data subset      write a smaller COCO dataset in the official layout
     classifier-demo  the foundation's tiny CNN classifier on synthetic shapes
 
 Each command is a pair of plain functions, ``_add_<name>(subparsers)`` to declare its options and
-``_run_<name>(args) -> exit code`` to do the work; a new command (``train``, ``eval``, ``predict``,
-``data``) adds its pair and one line to :func:`build_parser`.
+``_run_<name>(args) -> exit code`` to do the work; a new command adds its pair and one line to
+:func:`build_parser`. Every dataset goes through one train/eval/predict path
+(:mod:`minimask.workflow`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 
 # ---------------------------------------------------------------------------- classifier-demo
@@ -110,14 +113,23 @@ def _add_train(subparsers) -> None:
         default=None,
         help="coco: comma-separated names or ids to train on (default: all)",
     )
-    p.add_argument("--min-size", type=int, default=320, help="coco: shorter image side")
-    p.add_argument("--max-size", type=int, default=533, help="coco: longer side at most")
+    p.add_argument("--min-size", type=int, default=None,
+                   help="shorter image side the model resizes to (default: the preset's; "
+                   "coco: 320)")  # fmt: skip
+    p.add_argument("--max-size", type=int, default=None,
+                   help="longer side at most (default: the preset's; coco: 533)")  # fmt: skip
     p.add_argument(
         "--keep-empty",
         action="store_true",
         help="coco: also train on images with no annotation (background only)",
     )
     p.add_argument("--no-flip", action="store_true", help="coco: no random horizontal flip")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="start from a whole Mask R-CNN's weights (torchvision's .pth or "
+                   ".safetensors, or a minimask checkpoint)")  # fmt: skip
+    p.add_argument("--backbone-weights", default=None, metavar="FILE",
+                   help="start the backbone from an ImageNet ResNet (torchvision's resnet50 "
+                   ".pth)")  # fmt: skip
     p.add_argument("--iterations", type=int, default=t.iterations)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=t.lr, help="base learning rate")
@@ -134,8 +146,20 @@ def _add_train(subparsers) -> None:
     p.set_defaults(run=_run_train)
 
 
+def _data(args):
+    """The data adapter the arguments name (shapes, or a COCO-format root and split)."""
+    from minimask import workflow  # noqa: PLC0415
+
+    if args.dataset == "coco":
+        _need_root(args)
+        return workflow.CocoData(args.root, args.split, getattr(args, "categories", None),
+                                 keep_empty=getattr(args, "keep_empty", False),
+                                 flip=not getattr(args, "no_flip", False))  # fmt: skip
+    return workflow.ShapesData(getattr(args, "val_images", 100), getattr(args, "seed", 0))
+
+
 def _run_train(args) -> int:
-    from minimask.shapes_demo import train_shapes  # noqa: PLC0415
+    from minimask import workflow  # noqa: PLC0415
     from minimask.train import TrainConfig  # noqa: PLC0415
 
     _positive(args, "iterations", "batch_size", "checkpoint_every")
@@ -150,37 +174,62 @@ def _run_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
-    if args.dataset == "coco":
-        from minimask.coco_training import train_coco  # noqa: PLC0415
-        from minimask.data.coco import CocoFormatError  # noqa: PLC0415
-
-        _need_root(args)
-        try:
-            train_coco(args.root, args.split, args.preset, config, args.batch_size, args.out,
-                       categories=args.categories, min_size=args.min_size,
-                       max_size=args.max_size, keep_empty=args.keep_empty,
-                       flip=not args.no_flip, resume=args.resume,
-                       progress=not args.no_progress)  # fmt: skip
-        except CocoFormatError as e:
-            raise SystemExit(f"minimask train: {e}") from e
-    else:
-        train_shapes(args.preset, config, args.batch_size, args.out, args.resume,
-                     not args.no_progress)  # fmt: skip
+    with _clear_errors(args):
+        workflow.train(_data(args), args.preset, config, args.batch_size, args.out,
+                       resume=args.resume, weights=args.weights,
+                       backbone_weights=args.backbone_weights, min_size=args.min_size,
+                       max_size=args.max_size, progress=not args.no_progress)  # fmt: skip
     print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, {args.out}/loss_curve.png")
     return 0
 
 
+@contextlib.contextmanager
+def _clear_errors(args):
+    """Bad input (a missing file, a corrupt checkpoint or weights file, a bad annotation file)
+    ends the command with one line naming it, not a traceback."""
+    from minimask.data.coco import CocoFormatError  # noqa: PLC0415
+    from minimask.data.images import BadImageError  # noqa: PLC0415
+    from minimask.model.torch_format import WeightsError  # noqa: PLC0415
+
+    try:
+        yield
+    except (CocoFormatError, WeightsError, BadImageError, FileNotFoundError) as e:
+        raise SystemExit(f"minimask {args.command}: {e}") from e
+    except (KeyError, ValueError) as e:  # a checkpoint or weights file that does not fit
+        message = e.args[0] if e.args else repr(e)
+        raise SystemExit(f"minimask {args.command}: {message}") from e
+
+
 # ---------------------------------------------------------------------------- eval
+def _add_model_options(p) -> None:
+    p.add_argument("--checkpoint", default=None, help="a minimask checkpoint.npz")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="or any Mask R-CNN's weights (torchvision's .pth, .safetensors); "
+                   "torchvision's 91-class COCO labels are COCO category ids")  # fmt: skip
+    p.add_argument("--preset", default="r50_fpn", choices=("tiny", "r50_fpn"),
+                   help="with --weights: the architecture (default r50_fpn at 800/1333 px)")
+
+
+def _load_model(args):
+    from minimask.model.checkpoint import load_model  # noqa: PLC0415
+
+    if bool(args.checkpoint) == bool(args.weights):
+        raise SystemExit(f"minimask {args.command}: give --checkpoint FILE or --weights FILE")
+    return load_model(args.checkpoint, args.weights, args.preset)
+
+
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="COCO-style AP of a checkpoint on a dataset")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_options(p)
     p.add_argument("--dataset", default="shapes", choices=("shapes", "coco"))
     _add_coco_options(p, split="val2017")
-    p.add_argument("--max-images", type=int, default=None, help="coco: evaluate the first N")
-    p.add_argument("--batch-size", type=int, default=2, help="coco: images per forward pass")
-    p.add_argument("--val-images", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0, help="seed of the shapes validation split")
-    p.add_argument("--out", default=None, help="folder for metrics.json and predictions.png")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
+    p.add_argument("--val-images", type=int, default=100, help="shapes: validation images")
+    p.add_argument("--seed", type=int, default=0, help="shapes: seed of the validation split")
+    p.add_argument("--out", default=None,
+                   help="folder for metrics, results and plots (default: beside the "
+                   "checkpoint, or runs/eval)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_eval)
 
@@ -200,42 +249,24 @@ def _need_root(args) -> None:
 
 
 def _run_eval(args) -> int:
-    import json  # noqa: PLC0415
     import os  # noqa: PLC0415
 
-    from minimask.shapes_demo import evaluate_shapes, model_from_checkpoint, summary_table  # noqa: PLC0415
+    from minimask import workflow  # noqa: PLC0415
 
-    if args.dataset == "coco":
-        return _run_eval_coco(args)
-    model, _ = model_from_checkpoint(args.checkpoint)
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    os.makedirs(out, exist_ok=True)
-    metrics = evaluate_shapes(model, out, args.val_images, args.seed)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(summary_table(metrics))
-    return 0
-
-
-def _run_eval_coco(args) -> int:
-    import os  # noqa: PLC0415
-
-    from minimask.coco_training import evaluate_coco, summary_lines  # noqa: PLC0415
-    from minimask.data.coco import CocoFormatError  # noqa: PLC0415
-    from minimask.shapes_demo import model_from_checkpoint  # noqa: PLC0415
-
-    _need_root(args)
-    model, meta = model_from_checkpoint(args.checkpoint)
-    if meta.get("dataset") != "coco":
-        raise SystemExit(f"{args.checkpoint} was trained on {meta.get('dataset')!r}, not coco")
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    try:
-        metrics = evaluate_coco(model, meta, args.root, args.split, out, args.max_images,
-                                args.batch_size, progress=not args.no_progress)  # fmt: skip
-    except CocoFormatError as e:
-        raise SystemExit(f"minimask eval: {e}") from e
-    print(summary_lines(metrics))
-    names = (f"results_{args.split}.json", "metrics.json", "pr_curves.png", "predictions.png")
+    with _clear_errors(args):
+        model, meta = _load_model(args)
+        data = _data(args)
+        if args.checkpoint and meta.get("dataset") not in (None, args.dataset):
+            raise SystemExit(f"minimask eval: {args.checkpoint} was trained on "
+                             f"{meta.get('dataset')!r}, not {args.dataset!r}")  # fmt: skip
+        if args.checkpoint:
+            out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+        else:
+            out = args.out or "runs/eval"
+        metrics = workflow.evaluate(model, meta, data, out, args.max_images, args.batch_size,
+                                    progress=not args.no_progress)  # fmt: skip
+    print(workflow.summary_table(metrics))
+    names = ("metrics.json", "pr_curves.png", "predictions.png")
     written = [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n))]
     print("wrote " + ", ".join(written))
     return 0
@@ -243,19 +274,52 @@ def _run_eval_coco(args) -> int:
 
 # ---------------------------------------------------------------------------- predict
 def _add_predict(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="draw a checkpoint's detections on images")
-    p.add_argument("--checkpoint", required=True)
+    p = subparsers.add_parser(
+        "predict",
+        help="detect in image files: drawn PNGs and COCO results JSON",
+        description="Run a checkpoint (or any Mask R-CNN's weights) on image files. Writes "
+        "<name>_pred.png per image and detections.json with every detection as a COCO result.",
+    )
+    _add_model_options(p)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG...)")
-    p.add_argument("--out", default="runs/predict", help="folder for the drawn images")
-    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--out", default="runs/predict", help="folder for the drawings and JSON")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="drawing threshold")
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args) -> int:
-    from minimask.predict import predict_files  # noqa: PLC0415
+    from minimask import workflow  # noqa: PLC0415
 
-    for path in predict_files(args.checkpoint, args.images, args.out, args.score_thresh):
-        print(path)
+    with _clear_errors(args):
+        model, meta = _load_model(args)
+        for path in workflow.predict_files(model, meta, args.images, args.out,
+                                           args.score_thresh):  # fmt: skip
+            print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------- export
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a checkpoint in torchvision's names (.pth or .safetensors)",
+        description="Write a minimask checkpoint's model with torchvision's key layout: "
+        "model.pth (read by torch.load(weights_only=True), written without torch) or "
+        "model.safetensors. torchvision's maskrcnn_resnet50_fpn loads it with strict=True.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a minimask checkpoint.npz")
+    p.add_argument("--to", required=True, metavar="FILE", help="model.pth or model.safetensors")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from minimask.model.checkpoint import model_from_checkpoint  # noqa: PLC0415
+    from minimask.model.weights import export_weights  # noqa: PLC0415
+
+    with _clear_errors(args):
+        model, _ = model_from_checkpoint(args.checkpoint)
+        export_weights(model, args.to)
+    print(f"wrote {args.to}")
     return 0
 
 
@@ -302,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_predict(subparsers)
     _add_data(subparsers)
+    _add_export(subparsers)
     _add_classifier_demo(subparsers)
     return parser
 

@@ -31,11 +31,10 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from minimask.backend import rng, to_host
+from minimask.backend import rng
 from minimask.engine import AnomalyError, detect_anomaly
-from minimask.nn import SGD, AdamW, Module, WarmupMultiStepSchedule, clip_grad_norm, save_npz
+from minimask.model.checkpoint import load_checkpoint, save_checkpoint
+from minimask.nn import SGD, AdamW, Module, WarmupMultiStepSchedule, clip_grad_norm
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,39 +81,6 @@ def make_schedule(config: TrainConfig) -> WarmupMultiStepSchedule:
         warmup_iters=config.warmup_iters,
         warmup_factor=config.warmup_factor,
     )
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: str, model: Module, optimizer, iteration: int, meta: dict) -> None:
-    """Model, optimizer and progress in one ``.npz``, written atomically."""
-    arrays = {f"model/{k}": to_host(v) for k, v in model.state_dict().items()}
-    sd = optimizer.state_dict()
-    for index, entries in sd["state"].items():
-        for k, v in entries.items():
-            arrays[f"optim/{index}/{k}"] = np.asarray(to_host(v) if hasattr(v, "shape") else v)
-    info = {"iteration": iteration, "param_groups": sd["param_groups"], **meta}
-    arrays["meta"] = np.array(json.dumps(info))
-    save_npz(path, arrays)
-
-
-def load_checkpoint(path: str, model: Module, optimizer=None) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns its meta dict (with ``iteration``)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with np.load(path, allow_pickle=False) as archive:
-        files = archive.files
-        if "meta" not in files:
-            raise ValueError(f"{path} is not a minimask training checkpoint (no 'meta' entry)")
-        meta = json.loads(str(archive["meta"]))
-        model.load_state_dict({k[6:]: archive[k] for k in files if k.startswith("model/")})
-        if optimizer is not None:
-            state: dict[int, dict] = {}
-            for k in files:
-                if k.startswith("optim/"):
-                    _, index, name = k.split("/", 2)
-                    state.setdefault(int(index), {})[name] = archive[k]
-            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta
 
 
 # ---------------------------------------------------------------------------- the loop

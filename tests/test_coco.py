@@ -18,8 +18,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from minimask.cli import main
-from minimask.coco_training import CocoBatches, coco_model_config
-from minimask.data.coco import CocoDataset
+from minimask.data.coco import CocoBatches, CocoDataset
 from minimask.data.subset import build_subset
 from minimask.data.transforms import (
     horizontal_flip,
@@ -36,6 +35,7 @@ from minimask.evaluate import (
 from minimask.model.mask_rcnn import MaskRCNN
 from minimask.nn import init
 from minimask.ops.matcher import BELOW_LOW_THRESHOLD, IGNORE
+from minimask.workflow import coco_model_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -15,12 +15,12 @@ from PIL import Image
 from test_coco import ann, rect, write_coco
 
 from minimask.cli import main
-from minimask.coco_training import CocoBatches, coco_model_config, evaluate_coco
-from minimask.data.coco import BadImageError, CocoDataset, CocoFormatError
+from minimask.data.coco import BadImageError, CocoBatches, CocoDataset, CocoFormatError
 from minimask.data.images import read_image
 from minimask.data.subset import build_subset
 from minimask.model.mask_rcnn import MaskRCNN
 from minimask.nn import init
+from minimask.workflow import CocoData, coco_model_config, evaluate
 
 
 def images_of(folder, sizes):
@@ -157,8 +157,8 @@ def test_missing_unreadable_truncated_and_resized_images(tmp_path):
     model = MaskRCNN(coco_model_config("tiny", 2, 32, 64))
     logged = []
     meta = {"classes": ds.classes, "category_ids": ds.category_ids.tolist()}
-    evaluate_coco(model, meta, str(tmp_path), "val2017", str(tmp_path / "eval"),
-                  progress=False, log=logged.append)  # fmt: skip
+    evaluate(model, meta, CocoData(str(tmp_path), "val2017"), str(tmp_path / "eval"),
+             progress=False, log=logged.append)  # fmt: skip
     record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert record["images"] == 1 and record["skipped"] == 4
     assert any("4 x bad image skipped" in line for line in logged)

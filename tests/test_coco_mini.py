@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from minimask.coco_training import CocoBatches, coco_model_config
-from minimask.data.coco import CocoDataset
+from minimask.data.coco import CocoBatches, CocoDataset
 from minimask.evaluate import coco_evaluate, detections_to_results
 from minimask.model.mask_rcnn import MaskRCNN
 from minimask.nn import init
 from minimask.train import TrainConfig, fit
+from minimask.workflow import coco_model_config
 
 ROOT = Path(
     os.environ.get("MINIMASK_COCO_MINI")

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from minimask.backend import rng
-from minimask.data.shapes import CLASSES, ShapesConfig, make_sample
+from minimask.data.shapes import CLASSES, ShapesConfig, make_sample, shapes_batches
+from minimask.model.checkpoint import build_model
 from minimask.model.config import get_config, r50_fpn, tiny
 from minimask.model.mask_head import project_masks
 from minimask.model.mask_rcnn import MaskRCNN, detections_to_host
 from minimask.model.transform import paste_masks
 from minimask.nn import SGD, clip_grad_norm, init
-from minimask.shapes_demo import build_model, shapes_batches
 from minimask.train import total_loss
 from tests.helpers import requires_torchvision, torchvision
 

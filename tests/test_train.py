@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from minimask.data.shapes import ShapesConfig
+from minimask.data.shapes import ShapesConfig, shapes_batches
+from minimask.model.checkpoint import model_from_checkpoint
 from minimask.model.config import tiny
 from minimask.model.mask_rcnn import MaskRCNN
 from minimask.nn import init
-from minimask.shapes_demo import model_from_checkpoint, shapes_batches
 from minimask.train import NonFiniteLossError, TrainConfig, fit, load_checkpoint
 
 SMALL = ShapesConfig(image_size=64, min_size=12, max_size=28, max_shapes=3)

@@ -43,8 +43,8 @@ def _peak_mb() -> float:
 
 # ---------------------------------------------------------------------------- minimask
 def _minimask_job(mode: str, iterations: int, batch_size: int, queue) -> None:
-    from minimask.data.shapes import CLASSES  # noqa: PLC0415
-    from minimask.shapes_demo import build_model, evaluate_shapes, shapes_batches  # noqa: PLC0415
+    from minimask.data.shapes import CLASSES, shapes_batches  # noqa: PLC0415
+    from minimask.model.checkpoint import build_model  # noqa: PLC0415
     from minimask.train import TrainConfig, fit  # noqa: PLC0415
 
     if mode == "speed":
@@ -76,7 +76,10 @@ def _minimask_job(mode: str, iterations: int, batch_size: int, queue) -> None:
     model = build_model("tiny", 0, num_classes=len(CLASSES))
     with tempfile.TemporaryDirectory() as out:
         fit(model, shapes_batches(0, batch_size), config, out, progress=False)
-        queue.put(evaluate_shapes(model, out, 100, 0, progress=False))
+        from minimask.workflow import ShapesData, evaluate  # noqa: PLC0415
+
+        data = ShapesData(100, 0)
+        queue.put(evaluate(model, data.meta(), data, out, progress=False, log=lambda _: None))
 
 
 # ---------------------------------------------------------------------------- torchvision

@@ -38,16 +38,111 @@ import math
 import os
 import warnings
 from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from minimask.data.images import BadImageError, read_image
+from minimask.data.transforms import random_horizontal_flip
 
-__all__ = ["BadImageError", "CocoDataset", "CocoFormatError", "DataProblems", "load_coco_json"]
+__all__ = [
+    "COCO_CATEGORIES",
+    "BadImageError",
+    "CocoBatches",
+    "CocoDataset",
+    "CocoFormatError",
+    "DataProblems",
+    "load_coco_json",
+]
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+
+# COCO 2017's 80 categories by their ids (1..90, with gaps): the names in every official JSON.
+# torchvision's 91-class models label a detection with its category id directly.
+COCO_CATEGORIES = {
+    1: "person",
+    2: "bicycle",
+    3: "car",
+    4: "motorcycle",
+    5: "airplane",
+    6: "bus",
+    7: "train",
+    8: "truck",
+    9: "boat",
+    10: "traffic light",
+    11: "fire hydrant",
+    13: "stop sign",
+    14: "parking meter",
+    15: "bench",
+    16: "bird",
+    17: "cat",
+    18: "dog",
+    19: "horse",
+    20: "sheep",
+    21: "cow",
+    22: "elephant",
+    23: "bear",
+    24: "zebra",
+    25: "giraffe",
+    27: "backpack",
+    28: "umbrella",
+    31: "handbag",
+    32: "tie",
+    33: "suitcase",
+    34: "frisbee",
+    35: "skis",
+    36: "snowboard",
+    37: "sports ball",
+    38: "kite",
+    39: "baseball bat",
+    40: "baseball glove",
+    41: "skateboard",
+    42: "surfboard",
+    43: "tennis racket",
+    44: "bottle",
+    46: "wine glass",
+    47: "cup",
+    48: "fork",
+    49: "knife",
+    50: "spoon",
+    51: "bowl",
+    52: "banana",
+    53: "apple",
+    54: "sandwich",
+    55: "orange",
+    56: "broccoli",
+    57: "carrot",
+    58: "hot dog",
+    59: "pizza",
+    60: "donut",
+    61: "cake",
+    62: "chair",
+    63: "couch",
+    64: "potted plant",
+    65: "bed",
+    67: "dining table",
+    70: "toilet",
+    72: "tv",
+    73: "laptop",
+    74: "mouse",
+    75: "remote",
+    76: "keyboard",
+    77: "cell phone",
+    78: "microwave",
+    79: "oven",
+    80: "toaster",
+    81: "sink",
+    82: "refrigerator",
+    84: "book",
+    85: "clock",
+    86: "vase",
+    87: "scissors",
+    88: "teddy bear",
+    89: "hair drier",
+    90: "toothbrush",
+}  # fmt: skip
 
 
 class CocoFormatError(ValueError):
@@ -326,3 +421,68 @@ def _numbers(values) -> bool:
     return all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
     )
+
+
+# ---------------------------------------------------------------------------- training stream
+class CocoBatches:
+    """``i -> (images, targets)`` for :func:`minimask.train.fit`, deterministic in ``i``.
+
+    Batch ``i`` holds stream positions ``p = i·B .. i·B + B - 1``; position ``p`` is image
+    ``perm_e[p mod N]`` of epoch ``e = p // N`` (``perm_e`` drawn from ``(seed, e)``),
+    and flipped when a coin drawn from ``(seed, p)`` says so. A bad image is replaced by the
+    next one of the same epoch, remembered, and counted in :attr:`problems`.
+
+    While step ``i`` runs, one background thread already loads batch ``i + 1`` (Pillow and
+    pycocotools decode outside the GIL), so on a GPU the loading hides behind the step.
+    """
+
+    def __init__(self, dataset: CocoDataset, batch_size: int, seed: int = 0, flip: bool = True):
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset.annotation_file}: no image with annotations to train on")
+        self.dataset, self.batch_size, self.seed, self.flip = dataset, batch_size, seed, flip
+        self.problems = DataProblems(f"images of {dataset.image_dir}")
+        self.bad: set[int] = set()
+        self._perm: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
+        self._worker = ThreadPoolExecutor(max_workers=1)  # all loading runs on this one thread
+        self._next: tuple[int, Future | None] = (-1, None)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm[0] != epoch:
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
+            self._perm = (epoch, order)
+        return self._perm[1]
+
+    def sample(self, position: int) -> dict:
+        """The transformed sample at stream ``position`` (skipping bad images)."""
+        n = len(self.dataset)
+        epoch, offset = divmod(position, n)
+        perm = self.permutation(epoch)
+        for step in range(n):
+            index = int(perm[(offset + step) % n])
+            if index in self.bad:
+                continue
+            try:
+                sample = self.dataset[index]
+            except BadImageError as e:
+                self.bad.add(index)
+                self.problems.add("bad image skipped", str(e))
+                continue
+            if self.flip:
+                coin = np.random.default_rng((self.seed, 1, position))
+                sample = random_horizontal_flip(sample, coin)
+            return sample
+        raise RuntimeError(
+            f"no readable image in {self.dataset.image_dir}:\n{self.problems.summary()}"
+        )
+
+    def load(self, i: int):
+        """Batch ``i`` as ``(images, targets)``, loaded on the calling thread."""
+        samples = [self.sample(i * self.batch_size + k) for k in range(self.batch_size)]
+        return [s["image"] for s in samples], samples
+
+    def __call__(self, i: int):
+        index, future = self._next
+        if index != i or future is None:
+            future = self._worker.submit(self.load, i)
+        self._next = (i + 1, self._worker.submit(self.load, i + 1))  # overlaps step i
+        return future.result()

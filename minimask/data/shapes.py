@@ -150,3 +150,18 @@ def shapes_stream(seed: int = 0, start: int = 0, config: ShapesConfig = ShapesCo
     while True:
         yield make_sample(seed, index, config, "train")
         index += 1
+
+
+def shapes_batches(seed: int, batch_size: int, shapes: ShapesConfig | None = None):
+    """``i -> (images, targets)`` for the training stream: images ``i·B .. i·B + B - 1``.
+
+    Deterministic in ``i``, so a resumed run replays the same batches
+    (:func:`minimask.train.fit`).
+    """
+    shapes = shapes or ShapesConfig()
+
+    def get_batch(i: int):
+        samples = [make_sample(seed, i * batch_size + k, shapes) for k in range(batch_size)]
+        return [s["image"] for s in samples], samples
+
+    return get_batch

@@ -1,0 +1,306 @@
+"""One path from data to a trained, evaluated model: train, evaluate and predict, for any data.
+
+The synthetic shapes and a COCO-format dataset are two **data adapters** with the same small
+interface; everything else (building the model, the training loop, predicting, COCO metrics, the
+files written) is one code path:
+
+    data.model_config(preset, min_size, max_size)   the preset, with the data's classes and scale
+    data.meta()                                      classes and dataset facts kept in checkpoints
+    data.train_batches(seed, batch_size)             i -> (images, targets), deterministic in i
+    data.eval_set(meta)                              images to evaluate on, with a COCO ground truth
+
+Images and targets always travel at the size they are stored; the model resizes them itself
+(:mod:`minimask.model.transform`) and answers in their pixels.
+
+A model's labels are 1..K-1; ``meta["category_ids"][label - 1]`` is the id written into COCO
+results (COCO's own category ids, or the label itself for the shapes and for torchvision's
+91-class weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from minimask.data.coco import BadImageError, CocoBatches, CocoDataset, DataProblems
+from minimask.data.shapes import CLASSES, ShapesDataset, shapes_batches
+from minimask.engine import no_grad
+from minimask.evaluate import (
+    STAT_NAMES,
+    coco_evaluate,
+    detections_to_results,
+    ground_truth_coco,
+    save_pr_curves,
+    write_results_json,
+)
+from minimask.model.checkpoint import build_model
+from minimask.model.config import MaskRCNNConfig, get_config
+from minimask.model.mask_rcnn import MaskRCNN, detections_to_host
+from minimask.train import TrainConfig, fit
+
+COCO_MIN_SIZE, COCO_MAX_SIZE = 320, 533  # COCO photos on a CPU: the paper's 800/1333 times 0.4
+
+
+# ---------------------------------------------------------------------------- the adapters
+class EvalSet:
+    """Images to evaluate on: ``load(i)`` gives sample ``i`` (or raises ``BadImageError``), and
+    ``gt`` is their ground truth as a pycocotools ``COCO`` object, with real category ids."""
+
+    def __init__(self, load, count: int, gt, category_ids, source: str):
+        self.load, self.count, self.gt = load, count, gt
+        self.category_ids, self.source = list(category_ids), source
+
+
+class ShapesData:
+    """The synthetic shapes: an endless training stream and a fixed validation split."""
+
+    name = "shapes"
+
+    def __init__(self, val_images: int = 100, val_seed: int = 0):
+        self.val_images, self.val_seed = val_images, val_seed
+
+    def model_config(self, preset: str, min_size=None, max_size=None) -> MaskRCNNConfig:
+        sizes = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v}
+        return get_config(preset, num_classes=len(CLASSES), **sizes)
+
+    def meta(self) -> dict:
+        return {"dataset": "shapes", "classes": list(CLASSES),
+                "category_ids": list(range(1, len(CLASSES)))}  # fmt: skip
+
+    def train_batches(self, seed: int, batch_size: int):
+        return shapes_batches(seed, batch_size)
+
+    def eval_set(self, meta: dict) -> EvalSet:
+        samples = list(ShapesDataset(self.val_images, seed=self.val_seed))
+        gt = ground_truth_coco(samples, CLASSES)
+        return EvalSet(samples.__getitem__, len(samples), gt, range(1, len(CLASSES)), "shapes")
+
+
+def coco_model_config(preset: str, num_classes: int, min_size: int = COCO_MIN_SIZE,
+                      max_size: int = COCO_MAX_SIZE) -> MaskRCNNConfig:  # fmt: skip
+    """``preset`` sized for COCO photos at ``min_size`` and ``num_classes`` (background included).
+
+    For ``tiny`` (built for 128-pixel shapes) the anchors grow to 16..256 pixels, the inputs are
+    normalised with the ImageNet mean/std, and 100 detections are kept (COCO's AR@100). For
+    ``r50_fpn`` trained from scratch, frozen BatchNorm becomes GroupNorm, as in He et al.,
+    "Rethinking ImageNet Pre-training" (2019), the recipe that trains Mask R-CNN R50-FPN from
+    random weights; with ``--weights`` or ``--backbone-weights`` it keeps frozen BatchNorm.
+    """
+    changes = {"num_classes": num_classes, "min_size": min_size, "max_size": max_size}
+    if preset == "r50_fpn":
+        changes.update(norm="group_norm")  # train() restores frozen_bn when weights are loaded
+    if preset == "tiny":
+        photo = MaskRCNNConfig()
+        changes.update(anchor_sizes=(16, 32, 64, 128, 256), image_mean=photo.image_mean,
+                       image_std=photo.image_std, detections_per_image=100)  # fmt: skip
+    return get_config(preset, **changes)
+
+
+class CocoData:
+    """A COCO-format dataset, ``ROOT/annotations/instances_<split>.json`` + ``ROOT/<split>/``."""
+
+    name = "coco"
+
+    def __init__(self, root: str, split: str, categories=None, keep_empty: bool = False,
+                 flip: bool = True):  # fmt: skip
+        self.root, self.split, self.flip = root, split, flip
+        self.categories, self.keep_empty = categories, keep_empty
+
+    @functools.cached_property
+    def dataset(self) -> CocoDataset:
+        """The training view: the chosen categories, images with annotations (read once)."""
+        return CocoDataset.from_root(self.root, self.split, categories=self.categories,
+                                     keep_empty=self.keep_empty)  # fmt: skip
+
+    def model_config(self, preset: str, min_size=None, max_size=None) -> MaskRCNNConfig:
+        return coco_model_config(preset, self.dataset.num_classes, min_size or COCO_MIN_SIZE,
+                                 max_size or COCO_MAX_SIZE)  # fmt: skip
+
+    def meta(self) -> dict:
+        return {"dataset": "coco", "root": os.path.abspath(self.root), "split": self.split,
+                "classes": self.dataset.classes,
+                "category_ids": self.dataset.category_ids.tolist()}  # fmt: skip
+
+    def train_batches(self, seed: int, batch_size: int) -> CocoBatches:
+        return CocoBatches(self.dataset, batch_size, seed, self.flip)
+
+    def eval_set(self, meta: dict) -> EvalSet:
+        """Every image of the split (with or without annotations), scored on the categories the
+        model knows (those of ``meta["category_ids"]`` that the JSON has)."""
+        every = CocoDataset.from_root(self.root, self.split, keep_empty=True)
+        wanted = [c for c in meta["category_ids"] if c in set(every.category_ids.tolist())]
+        if not wanted:
+            raise ValueError(f"{every.annotation_file} has none of the model's categories "
+                             f"{meta['category_ids'][:5]}...")  # fmt: skip
+        return EvalSet(every.__getitem__, len(every), every.coco, wanted, every.image_dir)
+
+
+# ---------------------------------------------------------------------------- train
+def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
+          resume: bool = False, weights: str | None = None, backbone_weights: str | None = None,
+          min_size: int | None = None, max_size: int | None = None, progress: bool = True,
+          log=print) -> MaskRCNN:  # fmt: skip
+    """Train ``preset`` on ``data`` (an adapter above) with :func:`minimask.train.fit`."""
+    model_config = data.model_config(preset, min_size, max_size)
+    if (weights or backbone_weights) and model_config.norm != "frozen_bn":
+        model_config = model_config.replace(norm="frozen_bn")  # pre-trained BN statistics
+    model = build_model(model_config, config.seed, weights, backbone_weights, log)
+    meta = {"preset": preset, "batch_size": batch_size, "model_config": asdict(model_config),
+            "weights": weights, "backbone_weights": backbone_weights, **data.meta()}  # fmt: skip
+    c = model_config
+    log(f"training {preset} on {data.name} ({len(meta['classes']) - 1} classes) at shorter "
+        f"side {c.min_size} (longer <= {c.max_size}), batch {batch_size}")  # fmt: skip
+    batches = data.train_batches(config.seed, batch_size)
+    start = time.perf_counter()
+    fit(model, batches, config, out_dir, resume, progress, meta)
+    seconds = time.perf_counter() - start
+    log(f"trained in {seconds:.0f} s ({seconds / max(config.iterations, 1):.2f} s/iteration)")
+    problems = getattr(batches, "problems", None)
+    if problems:
+        log(problems.summary())
+    return model
+
+
+# ---------------------------------------------------------------------------- predict and evaluate
+def to_results(image_id: int, det: dict, category_ids) -> list[dict]:
+    """One image's detections as COCO results, labels 1..K-1 turned into ``category_ids``."""
+    ids = np.asarray(category_ids, dtype=np.int64)
+    return detections_to_results(image_id, {**det, "labels": ids[np.asarray(det["labels"]) - 1]})
+
+
+@no_grad()
+def predict_set(model: MaskRCNN, eval_set: EvalSet, category_ids, count: int | None = None,
+                batch_size: int = 2, progress: bool = True, keep: int = 0):  # fmt: skip
+    """Detections for the first ``count`` images of ``eval_set``, as COCO results.
+
+    Returns ``(results, image_ids, problems, shown)``: the results (``category_ids`` applied),
+    the ids of the images read, the bad images skipped, and the first ``keep`` (sample,
+    detection) pairs for drawing.
+    """
+    model.eval()
+    problems = DataProblems(f"images of {eval_set.source}")
+    results, image_ids, shown = [], [], []
+    count = eval_set.count if count is None else min(count, eval_set.count)
+    chunks = [range(k, min(k + batch_size, count)) for k in range(0, count, batch_size)]
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        chunks = tqdm(chunks, desc="predict", dynamic_ncols=True)
+    for chunk in chunks:
+        samples = []
+        for index in chunk:
+            try:
+                samples.append(eval_set.load(index))
+            except BadImageError as e:
+                problems.add("bad image skipped", str(e))
+        if not samples:
+            continue
+        detections = detections_to_host(model([s["image"] for s in samples]))
+        for s, det in zip(samples, detections):  # at the stored image size
+            results += to_results(s["image_id"], det, category_ids)
+            image_ids.append(s["image_id"])
+            if len(shown) < keep:
+                shown.append((s, det))
+    return results, image_ids, problems, shown
+
+
+def evaluate(model: MaskRCNN, meta: dict, data, out_dir: str, max_images: int | None = None,
+             batch_size: int = 2, progress: bool = True, log=print) -> dict:  # fmt: skip
+    """COCO bbox and segm metrics of ``model`` on ``data``'s evaluation images.
+
+    Writes to ``out_dir``: ``results_<split>.json`` (COCO results), ``metrics.json``,
+    ``pr_curves.png`` (precision / recall at IoU 0.5 and 0.75) and ``predictions.png``.
+    """
+    from minimask.visualize import save_predictions_figure  # noqa: PLC0415
+
+    eval_set = data.eval_set(meta)
+    start = time.perf_counter()
+    results, image_ids, problems, shown = predict_set(
+        model, eval_set, meta["category_ids"], max_images, batch_size, progress, keep=8
+    )
+    seconds = time.perf_counter() - start
+    os.makedirs(out_dir, exist_ok=True)
+    results_path = os.path.join(out_dir, f"results_{getattr(data, 'split', data.name)}.json")
+    write_results_json(results_path, results)
+    log(f"{len(results)} detections on {len(image_ids)} images in {seconds:.0f} s "
+        f"-> {results_path}")  # fmt: skip
+    evals: dict = {}
+    metrics = coco_evaluate(eval_set.gt, results, image_ids=image_ids,
+                            category_ids=eval_set.category_ids, evals=evals)  # fmt: skip
+    pr_path = os.path.join(out_dir, "pr_curves.png")
+    if evals:
+        save_pr_curves(evals, pr_path)
+    else:
+        if os.path.exists(pr_path):
+            os.remove(pr_path)  # a stale plot of an earlier run would mislead
+        log("no detections at all: every metric is 0 (and no pr_curves.png)")
+    if shown:
+        samples, dets = zip(*shown)
+        save_predictions_figure(os.path.join(out_dir, "predictions.png"), samples, dets,
+                                meta["classes"])  # fmt: skip
+    if problems:
+        log(problems.summary())
+    record = {"dataset": data.name, "images": len(image_ids),
+              "skipped": sum(problems.counts.values()), "seconds": round(seconds, 1),
+              **metrics}  # fmt: skip
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    return metrics
+
+
+def summary_table(metrics: dict, names=STAT_NAMES) -> str:
+    """The chosen COCO numbers of each IoU type as a Markdown table."""
+    rows = ["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for task, m in metrics.items():
+        cells = ("—" if m[n] is None else f"{m[n]:.3f}" for n in names)  # None: no GT there
+        rows.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------- image files
+def image_id_of(path: str, position: int) -> int:
+    """COCO's file names are their ids (``000000000139.jpg`` is image 139); others count 1, 2..."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return int(stem) if stem.isdigit() else position
+
+
+@no_grad()
+def predict_files(model: MaskRCNN, meta: dict, paths, out_dir: str, score_thresh: float = 0.5,
+                  log=print) -> list[str]:  # fmt: skip
+    """Detect in each image file; draw the detections and write them all as COCO results.
+
+    Writes ``<name>_pred.png`` per image and ``detections.json``: every detection the model
+    returns (``bbox`` [x, y, w, h] in the image's pixels, ``score``, ``category_id``,
+    ``segmentation`` as RLE), with ``image_id`` and ``file_name`` naming its image. Returns the
+    written paths.
+    """
+    from minimask.data.images import read_image  # noqa: PLC0415
+    from minimask.visualize import draw_detections, new_figure  # noqa: PLC0415
+
+    model.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    written, results = [], []
+    for position, path in enumerate(paths, start=1):
+        image = read_image(path)  # (3, H, W) in [0, 1]; a bad file raises naming it
+        height, width = image.shape[1:]
+        (det,) = detections_to_host(model([image]))  # the model resizes, and maps back
+        image_id = image_id_of(path, position)
+        for r in to_results(image_id, det, meta["category_ids"]):
+            results.append({**r, "file_name": os.path.basename(path)})
+        fig = new_figure((6, 6 * height / width))
+        ax = fig.add_subplot()
+        kept = int((det["scores"] >= score_thresh).sum())
+        draw_detections(ax, image, det, meta["classes"], score_thresh,
+                        title=f"{os.path.basename(path)}: {kept} detections")  # fmt: skip
+        target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_pred.png")
+        fig.tight_layout()
+        fig.savefig(target, dpi=110)
+        written.append(target)
+    results_path = os.path.join(out_dir, "detections.json")
+    write_results_json(results_path, results)
+    return [*written, results_path]
