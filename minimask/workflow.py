@@ -4,7 +4,7 @@ The synthetic shapes and a COCO-format dataset are two **data adapters** with th
 interface; everything else (building the model, the training loop, predicting, COCO metrics, the
 files written) is one code path:
 
-    data.model_config(preset, min_size, max_size)   the preset, with the data's classes and scale
+    data.model_config(preset, min_size, max_size, pretrained)   the preset, the data's classes
     data.meta()                                      classes and dataset facts kept in checkpoints
     data.train_batches(seed, batch_size)             i -> (images, targets), deterministic in i
     data.eval_set(meta)                              images to evaluate on, with a COCO ground truth
@@ -64,7 +64,8 @@ class ShapesData:
     def __init__(self, val_images: int = 100, val_seed: int = 0):
         self.val_images, self.val_seed = val_images, val_seed
 
-    def model_config(self, preset: str, min_size=None, max_size=None) -> MaskRCNNConfig:
+    def model_config(self, preset: str, min_size=None, max_size=None,
+                     pretrained: bool = False) -> MaskRCNNConfig:  # fmt: skip
         sizes = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v}
         return get_config(preset, num_classes=len(CLASSES), **sizes)
 
@@ -82,18 +83,19 @@ class ShapesData:
 
 
 def coco_model_config(preset: str, num_classes: int, min_size: int = COCO_MIN_SIZE,
-                      max_size: int = COCO_MAX_SIZE) -> MaskRCNNConfig:  # fmt: skip
+                      max_size: int = COCO_MAX_SIZE,
+                      pretrained: bool = False) -> MaskRCNNConfig:  # fmt: skip
     """``preset`` sized for COCO photos at ``min_size`` and ``num_classes`` (background included).
 
     For ``tiny`` (built for 128-pixel shapes) the anchors grow to 16..256 pixels, the inputs are
     normalised with the ImageNet mean/std, and 100 detections are kept (COCO's AR@100). For
-    ``r50_fpn`` trained from scratch, frozen BatchNorm becomes GroupNorm, as in He et al.,
-    "Rethinking ImageNet Pre-training" (2019), the recipe that trains Mask R-CNN R50-FPN from
-    random weights; with ``--weights`` or ``--backbone-weights`` it keeps frozen BatchNorm.
+    ``r50_fpn`` trained from scratch (not ``pretrained``), frozen BatchNorm becomes GroupNorm, as
+    in He et al., "Rethinking ImageNet Pre-training" (2019), the recipe that trains Mask R-CNN
+    R50-FPN from random weights; loaded weights bring their own BatchNorm statistics.
     """
     changes = {"num_classes": num_classes, "min_size": min_size, "max_size": max_size}
-    if preset == "r50_fpn":
-        changes.update(norm="group_norm")  # train() restores frozen_bn when weights are loaded
+    if preset == "r50_fpn" and not pretrained:
+        changes.update(norm="group_norm")
     if preset == "tiny":
         photo = MaskRCNNConfig()
         changes.update(anchor_sizes=(16, 32, 64, 128, 256), image_mean=photo.image_mean,
@@ -117,9 +119,10 @@ class CocoData:
         return CocoDataset.from_root(self.root, self.split, categories=self.categories,
                                      keep_empty=self.keep_empty)  # fmt: skip
 
-    def model_config(self, preset: str, min_size=None, max_size=None) -> MaskRCNNConfig:
+    def model_config(self, preset: str, min_size=None, max_size=None,
+                     pretrained: bool = False) -> MaskRCNNConfig:  # fmt: skip
         return coco_model_config(preset, self.dataset.num_classes, min_size or COCO_MIN_SIZE,
-                                 max_size or COCO_MAX_SIZE)  # fmt: skip
+                                 max_size or COCO_MAX_SIZE, pretrained)  # fmt: skip
 
     def meta(self) -> dict:
         return {"dataset": "coco", "root": os.path.abspath(self.root), "split": self.split,
@@ -146,9 +149,7 @@ def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
           min_size: int | None = None, max_size: int | None = None, progress: bool = True,
           log=print) -> MaskRCNN:  # fmt: skip
     """Train ``preset`` on ``data`` (an adapter above) with :func:`minimask.train.fit`."""
-    model_config = data.model_config(preset, min_size, max_size)
-    if (weights or backbone_weights) and model_config.norm != "frozen_bn":
-        model_config = model_config.replace(norm="frozen_bn")  # pre-trained BN statistics
+    model_config = data.model_config(preset, min_size, max_size, bool(weights or backbone_weights))
     model = build_model(model_config, config.seed, weights, backbone_weights, log)
     meta = {"preset": preset, "batch_size": batch_size, "model_config": asdict(model_config),
             "weights": weights, "backbone_weights": backbone_weights, **data.meta()}  # fmt: skip
