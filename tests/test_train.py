@@ -91,3 +91,21 @@ def test_a_nan_stops_training_and_names_the_op_where_it_arose(tmp_path):
     assert "Permute" in message and "layers.py" in message and "already non-finite" in message
     assert "checkpoint.npz" in message  # the last good checkpoint (iteration 2)
     assert load_checkpoint(str(tmp_path / "checkpoint.npz"), small_model())["iteration"] == 2
+
+
+def test_a_nan_objectness_logit_reaches_the_loss_and_its_explanation(tmp_path):
+    # NaN logits are scores of the RPN's NMS during training: it must order them (as torchvision
+    # does), not refuse them, so that the loop can stop with its explanation.
+    model = small_model()
+    batches = shapes_batches(0, 2, SMALL)
+
+    def poisoned(i):
+        if i == 2:
+            model.rpn.head.cls_logits.bias.data[0] = np.nan  # every logit of the first anchor
+        return batches(i)
+
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(model, poisoned, CONFIG, str(tmp_path), progress=False)
+    message = str(info.value)
+    assert "iteration 3" in message and "'loss_objectness': nan" in message
+    assert "Conv2d" in message and "1 NaN" in message  # the detective names the poisoned conv
