@@ -1,6 +1,7 @@
 """The training loop: exact resume, atomic checkpoints, loss logs, and a NaN that names its op."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from minimask.data.shapes import ShapesConfig
 from minimask.model.config import tiny
 from minimask.model.mask_rcnn import MaskRCNN
-from minimask.nn import init
+from minimask.nn import Module, Parameter, init
 from minimask.shapes_demo import model_from_checkpoint, shapes_batches
 from minimask.train import NonFiniteLossError, TrainConfig, fit, load_checkpoint
 
@@ -91,6 +92,41 @@ def test_a_nan_stops_training_and_names_the_op_where_it_arose(tmp_path):
     assert "Permute" in message and "layers.py" in message and "already non-finite" in message
     assert "checkpoint.npz" in message  # the last good checkpoint (iteration 2)
     assert load_checkpoint(str(tmp_path / "checkpoint.npz"), small_model())["iteration"] == 2
+
+
+def test_clip_norm_zero_trains_without_clipping(tmp_path):
+    # 0 turns clipping off: the same steps as a bound the gradients never reach.
+    off = small_model()
+    records = fit(off, shapes_batches(0, 2, SMALL), replace(CONFIG, clip_norm=0.0),
+                  str(tmp_path / "off"), progress=False)  # fmt: skip
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    never = small_model()
+    fit(never, shapes_batches(0, 2, SMALL), replace(CONFIG, clip_norm=1e30),
+        str(tmp_path / "never"), progress=False)  # fmt: skip
+    a, b = params(off), params(never)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+class SqrtOfZero(Module):
+    """A finite loss, sqrt(p) at p = 0, whose gradient 1 / (2 sqrt(p)) is infinite."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = Parameter(np.zeros(3))
+
+    def forward(self, images, targets):
+        return {"loss": self.p.sqrt().sum()}
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 10.0])
+def test_a_non_finite_gradient_stops_training_with_or_without_clipping(tmp_path, clip_norm):
+    with pytest.raises(NonFiniteLossError) as info, np.errstate(divide="ignore"):
+        fit(SqrtOfZero(), lambda i: (None, None), replace(CONFIG, clip_norm=clip_norm),
+            str(tmp_path), progress=False)  # fmt: skip
+    message = str(info.value)
+    assert "iteration 1" in message and "'loss': 0.0" in message
+    assert "Sqrt" in message  # the detective names the op whose gradient is infinite
 
 
 def test_a_nan_objectness_logit_reaches_the_loss_and_its_explanation(tmp_path):
