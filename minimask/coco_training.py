@@ -29,6 +29,7 @@ from minimask.evaluate import (
     STAT_NAMES,
     coco_evaluate,
     detections_to_results,
+    format_stat,
     save_pr_curves,
     write_results_json,
 )
@@ -231,7 +232,7 @@ def evaluate_coco(model: MaskRCNN, meta: dict, root: str, split: str, out_dir: s
     else:
         if os.path.exists(pr_path):
             os.remove(pr_path)  # a stale plot of an earlier run would mislead
-        log("no detections at all: every metric is 0 (and no pr_curves.png)")
+        log("no detections at all: every metric is 0 or n/a (and no pr_curves.png)")
     if shown:
         samples, dets = zip(*shown)
         save_predictions_figure(os.path.join(out_dir, "predictions.png"), samples, dets,
@@ -249,7 +250,7 @@ def summary_lines(metrics: dict) -> str:
     """The 12 COCO numbers of each IoU type as a two-row table."""
     rows = ["| task | " + " | ".join(STAT_NAMES) + " |", "|---" * (len(STAT_NAMES) + 1) + "|"]
     for task, m in metrics.items():
-        rows.append(f"| {task} | " + " | ".join(f"{m[n]:.3f}" for n in STAT_NAMES) + " |")
+        rows.append(f"| {task} | " + " | ".join(format_stat(m[n]) for n in STAT_NAMES) + " |")
     return "\n".join(rows)
 
 

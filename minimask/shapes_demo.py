@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from minimask.data.shapes import CLASSES, ShapesConfig, ShapesDataset, make_sample
-from minimask.evaluate import evaluate
+from minimask.evaluate import evaluate, format_stat
 from minimask.model.config import MaskRCNNConfig, get_config
 from minimask.model.mask_rcnn import MaskRCNN
 from minimask.nn import init
@@ -98,7 +98,8 @@ def summary_table(metrics: dict) -> str:
     rows = ["| task | AP | AP50 | AP75 |", "|---|---:|---:|---:|"]
     for task in ("bbox", "segm"):
         m = metrics[task]
-        rows.append(f"| {task} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP75']:.3f} |")
+        ap, ap50, ap75 = (format_stat(m[n]) for n in ("AP", "AP50", "AP75"))
+        rows.append(f"| {task} | {ap} | {ap50} | {ap75} |")
     return "\n".join(rows)
 
 
