@@ -6,8 +6,12 @@ import os
 
 
 def predict_files(checkpoint: str, paths, out_dir: str, score_thresh: float = 0.5) -> list[str]:
-    """Draw the detections of ``checkpoint`` on each image; returns the written PNG paths."""
-    from minimask.data.images import read_image  # noqa: PLC0415
+    """Draw the detections of ``checkpoint`` on each image; returns the written PNG paths.
+
+    A missing or undecodable image stops the command with a one-line error naming the file
+    (``SystemExit``), after the images before it have been drawn.
+    """
+    from minimask.data.images import BadImageError, read_image  # noqa: PLC0415
     from minimask.data.transforms import (  # noqa: PLC0415
         detections_to_original,
         resize_image,
@@ -23,7 +27,10 @@ def predict_files(checkpoint: str, paths, out_dir: str, score_thresh: float = 0.
     written = []
     c = model.config
     for path in paths:
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except BadImageError as e:
+            raise SystemExit(f"minimask predict: {e}") from e
         height, width = image.shape[1:]
         # Predict at the size the model was trained at, then map back to the file's pixels.
         size = resized_size(height, width, c.min_size, c.max_size)
