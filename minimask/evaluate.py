@@ -7,6 +7,11 @@ Table 1). For ``segm`` the IoU is taken between masks, for ``bbox`` between boxe
 The ground truth of any dataset of samples (dicts with ``image``, ``boxes``, ``labels``,
 ``masks``, ``image_id``) becomes a COCO object in memory, the model's detections become a COCO
 results list (boxes as [x, y, w, h], masks as RLE), and ``COCOeval`` does the rest.
+
+A number can be absent: ``COCOeval`` writes -1 where no object falls in an area range (APs on a
+dataset without small objects, say). Such a number is ``None`` in the metrics (``null`` in JSON)
+and ``n/a`` in tables (:func:`format_stat`), never 0, which would read as a detector that finds
+none of the small objects there are.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ STAT_NAMES = (
     "ARm",
     "ARl",
 )  # fmt: skip  -- the 12 numbers of COCOeval.summarize(), in its order
+
+
+def format_stat(value: float | None, spec: str = ".3f") -> str:
+    """One metric for a table: ``format(value, spec)``, or ``n/a`` where it is absent (None)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
@@ -116,7 +126,7 @@ def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids=None,
             r.pop("bbox", None)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        ev = COCOeval(gt, gt.loadRes(results), iou_type)
+        ev = COCOeval(gt, gt.loadRes(results) if results else _no_detections(gt), iou_type)
         if image_ids is not None:
             ev.params.imgIds = sorted(int(i) for i in image_ids)
         if category_ids is not None:
@@ -129,25 +139,33 @@ def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids=None,
     return ev, out.getvalue()
 
 
+def _no_detections(gt: COCO) -> COCO:
+    """An empty results set for ``gt`` (``COCO.loadRes`` cannot load an empty list)."""
+    empty = COCO()
+    empty.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
+                     "categories": list(gt.dataset["categories"])}  # fmt: skip
+    empty.createIndex()
+    return empty
+
+
 def coco_evaluate(gt: COCO, results: list[dict], iou_types=("bbox", "segm"), verbose=False,
                   image_ids=None, category_ids=None, evals: dict | None = None):  # fmt: skip
     """Run ``COCOeval`` for each IoU type; returns ``{iou_type: {stat name: value}}``.
 
-    With no detections at all, every number is 0 (pycocotools cannot load an empty result).
-    ``verbose`` prints COCOeval's standard 12-number summary of each type; ``evals``, when a
-    dict, receives each type's ``COCOeval`` (for :func:`save_pr_curves`).
+    A value is None where COCOeval has none (module docstring). With no detections at all, every
+    number that exists is 0. ``verbose`` prints COCOeval's standard 12-number summary of each
+    type; ``evals``, when a dict, receives each type's ``COCOeval`` when there are detections
+    (for :func:`save_pr_curves`).
     """
     metrics = {}
     for iou_type in iou_types:
-        if not results:
-            metrics[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
-            continue
         ev, summary = run_cocoeval(gt, results, iou_type, image_ids, category_ids)
         if verbose:
             print(f"{iou_type}:\n{summary}")
-        if evals is not None:
+        if evals is not None and results:
             evals[iou_type] = ev
-        metrics[iou_type] = {n: float(max(v, 0.0)) for n, v in zip(STAT_NAMES, ev.stats)}
+        # COCOeval's -1: no ground truth to measure against
+        metrics[iou_type] = {n: None if v < 0 else float(v) for n, v in zip(STAT_NAMES, ev.stats)}
     return metrics
 
 

@@ -135,7 +135,8 @@ def fit(
             _explain_nan(model, images, targets, config.seed, i, values, ckpt)
         optimizer.zero_grad()
         total.backward()
-        grad_norm = clip_grad_norm(params, config.clip_norm) if config.clip_norm else float("nan")
+        # clip_norm 0 turns clipping off (an infinite bound), not the check of the norm below
+        grad_norm = clip_grad_norm(params, config.clip_norm or math.inf)
         if not math.isfinite(grad_norm):
             _explain_nan(model, images, targets, config.seed, i, values, ckpt)
         optimizer.step()

@@ -34,6 +34,7 @@ from minimask.evaluate import (
     STAT_NAMES,
     coco_evaluate,
     detections_to_results,
+    format_stat,
     ground_truth_coco,
     save_pr_curves,
     write_results_json,
@@ -239,7 +240,7 @@ def evaluate(model: MaskRCNN, meta: dict, data, out_dir: str, max_images: int | 
     else:
         if os.path.exists(pr_path):
             os.remove(pr_path)  # a stale plot of an earlier run would mislead
-        log("no detections at all: every metric is 0 (and no pr_curves.png)")
+        log("no detections at all: every metric is 0 or n/a (and no pr_curves.png)")
     if shown:
         samples, dets = zip(*shown)
         save_predictions_figure(os.path.join(out_dir, "predictions.png"), samples, dets,
@@ -258,8 +259,7 @@ def summary_table(metrics: dict, names=STAT_NAMES) -> str:
     """The chosen COCO numbers of each IoU type as a Markdown table."""
     rows = ["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for task, m in metrics.items():
-        cells = ("—" if m[n] is None else f"{m[n]:.3f}" for n in names)  # None: no GT there
-        rows.append(f"| {task} | " + " | ".join(cells) + " |")
+        rows.append(f"| {task} | " + " | ".join(format_stat(m[n]) for n in names) + " |")
     return "\n".join(rows)
 
 

@@ -16,14 +16,22 @@ from minimask.engine import Tensor
 
 
 def _optional(name):
+    """The module ``name``, or None when it is not installed.
+
+    Only a missing package skips the reference tests. A package that is installed but does not
+    import (a missing shared library, a half-finished upgrade, a module missing inside it) raises
+    its error here, so the tests fail loudly instead of quietly skipping their references.
+    """
     try:
         return importlib.import_module(name)
-    except Exception:  # not installed, or a broken install
+    except ModuleNotFoundError as error:
+        if error.name != name:  # something the package needs is missing: a broken install
+            raise
         return None
 
 
 torch = _optional("torch")
-torchvision = _optional("torchvision")
+torchvision = _optional("torchvision") if torch is not None else None
 requires_torch = pytest.mark.skipif(
     torch is None, reason="torch is not installed (pip install -e .[reference])"
 )

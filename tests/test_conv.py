@@ -294,12 +294,27 @@ def test_conv2d_float32_stays_float32_and_close_to_float64():
 @settings(max_examples=150)
 @given(conv_cases(max_side=7))
 def test_grad_of_x_is_the_transposed_conv_of_grad_out(case):
-    """<conv2d(x), g> = <x, conv_transpose2d(g)>: the two ops are adjoint (the same weight)."""
+    """<conv2d(x), y> = <x, conv_transpose2d(y)>: the two ops are adjoint (the same weight).
+
+    The weight (O, C, kh, kw) of a conv2d from C to O channels is, in conv_transpose2d's layout,
+    that of a transposed conv from O to C channels. It gives back x's size when output_padding
+    adds the rows (columns) that the conv2d's last stride left out: (H + 2p - d(k-1) - 1) mod s.
+    """
     x, w, _, options = case
-    out, saved = conv2d_forward(x, w, **options)
-    g = np.random.default_rng(0).standard_normal(out.shape)
-    grad_x, _ = conv2d_backward(g, saved, need_w=False)
-    assert np.isclose((out * g).sum(), (x * grad_x).sum())
+    out = conv2d(Tensor(x), Tensor(w), **options).data
+    y = np.random.default_rng(0).standard_normal(out.shape)
+    left_out = tuple(
+        (size + 2 * p - d * (k - 1) - 1) % s
+        for size, k, s, p, d in zip(
+            x.shape[2:], w.shape[2:], options["stride"], options["padding"], options["dilation"]
+        )
+    )
+    back = conv_transpose2d(Tensor(y), Tensor(w), output_padding=left_out, **options).data
+    assert back.shape == x.shape
+    np.testing.assert_allclose((out * y).sum(), (x * back).sum(), rtol=1e-10, atol=1e-10)
+    # and conv2d's backward is that transposed conv
+    grad_x, _ = conv2d_backward(y, conv2d_forward(x, w, **options)[1], need_w=False)
+    np.testing.assert_allclose(grad_x, back, rtol=1e-10, atol=1e-12)
 
 
 def test_unneeded_gradients_are_skipped():

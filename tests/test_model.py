@@ -211,25 +211,46 @@ def test_presets_and_config_errors():
 
 @requires_torchvision
 def test_r50_fpn_matches_torchvision_layer_for_layer():
-    """The r50_fpn preset has torchvision's maskrcnn_resnet50_fpn's layers, in shape and count."""
+    """The r50_fpn preset has torchvision's maskrcnn_resnet50_fpn's layers, name for name through
+    the key mapping (minimask/model/weights.py), with equal shapes, and the same frozen stages."""
     from torchvision.models import resnet50
     from torchvision.models.detection import MaskRCNN as TorchMaskRCNN
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
 
+    from minimask.model.weights import to_torchvision
+
     ours = MaskRCNN(r50_fpn())
     # maskrcnn_resnet50_fpn as built for pre-trained weights: frozen BN, 3 trainable stages.
     body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
     theirs = TorchMaskRCNN(_resnet_fpn_extractor(body, 3), num_classes=91)
-    our_shapes = sorted(tuple(v.shape) for _, v in ours._named_state("_parameters", True))
-    their_shapes = sorted(tuple(p.shape) for p in theirs.parameters())
-    assert our_shapes == their_shapes
+    mapped = {k: tuple(v.shape) for k, v in to_torchvision(ours.state_dict()).items()
+              if not k.endswith("num_batches_tracked")}  # fmt: skip
+    assert mapped == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert not any(not p.requires_grad for p in ours.parameters())  # from scratch: all train
     ours.backbone.freeze(ours.config.trainable_stages)  # what loading pre-trained weights does
     our_frozen = sum(p.size for p in ours.parameters() if not p.requires_grad)
     theirs_frozen = sum(p.numel() for p in theirs.parameters() if not p.requires_grad)
     assert our_frozen == theirs_frozen  # stem and C2 frozen, as trainable_layers=3
     assert torchvision is not None
+
+
+def test_mask_targets_take_the_logits_size():
+    """A mask head pooling 7x7 predicts 14x14 masks; its targets are 14x14 too, not 28x28."""
+    model = small_model(mask_pool_size=7)
+    samples = [make_sample(0, i, SMALL) for i in range(2)]
+    loss = model([s["image"] for s in samples], samples)["loss_mask"]
+    assert np.isfinite(loss.item())
+    model.eval()
+    dets = detections_to_host(model([samples[0]["image"]]))
+    assert dets[0]["masks"].shape[1:] == (64, 64)
+
+
+def test_roi_align_aligned_is_a_config_field():
+    default, shifted = small_model(), small_model(roi_align_aligned=True)
+    assert not default.roi_heads.pooler.aligned and not default.mask_head.pooler.aligned
+    assert shifted.roi_heads.pooler.aligned and shifted.mask_head.pooler.aligned
+    assert shifted.roi_heads.pooler.canonical_scale == 224  # the other settings untouched
 
 
 @pytest.mark.gpu

@@ -155,6 +155,41 @@ def test_ties_like_torchvision_cpu(data, threshold, draw):
     np.testing.assert_array_equal(nms(boxes, scores, threshold), expected)
 
 
+def with_nan_scores(data, draw):
+    """``data`` (boxes, scores) with some scores, chosen by hypothesis, replaced by NaN."""
+    boxes, scores = data
+    nan = draw.draw(hnp.arrays(bool, len(scores)))
+    return boxes, np.where(nan, np.nan, scores).astype(scores.dtype)
+
+
+def test_nan_scores_come_first_in_input_order():
+    apart = np.array([[0, 0, 1, 1], [5, 5, 6, 6], [9, 9, 10, 10], [20, 20, 21, 21]], np.float32)
+    scores = np.array([0.2, np.nan, 0.9, np.nan], np.float32)
+    assert nms(apart, scores, 0.5).tolist() == [1, 3, 2, 0]
+    same = np.repeat(apart[:1], 3, axis=0)
+    assert nms(same, np.array([0.5, np.nan, 0.9], np.float32), 0.5).tolist() == [1]
+
+
+@given(crowded_boxes(max_n=40, dtype=np.float64), THRESHOLDS, st.data())
+def test_nan_scores_rank_above_every_number(data, threshold, draw):
+    # torch's order: a NaN score is above every number, and NaNs keep their input order, which is
+    # what one score larger than all the others (they are in (0, 1]) gives in the greedy loop.
+    boxes, scores = with_nan_scores(data, draw)
+    expected = greedy_reference(boxes, np.where(np.isnan(scores), 2.0, scores), threshold)
+    np.testing.assert_array_equal(nms(boxes, scores, threshold), expected)
+
+
+@requires_torchvision
+@given(crowded_boxes(integer=True), THRESHOLDS, st.data())
+def test_nan_scores_like_torchvision(data, threshold, draw):
+    boxes, scores = with_nan_scores(data, draw)
+    expected = torchvision.ops.nms(t(boxes), t(scores), threshold).numpy()
+    np.testing.assert_array_equal(nms(boxes, scores, threshold), expected)
+    idxs = draw.draw(hnp.arrays(np.int64, len(boxes), elements=st.integers(0, 3)))
+    expected = torchvision.ops.batched_nms(t(boxes), t(scores), t(idxs), threshold).numpy()
+    np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, threshold), expected)
+
+
 @requires_torchvision
 def test_threshold_compared_like_torchvision():
     # IoU 3 / 10 rounds to float32(0.3) = 0.30000001 > 0.3: torchvision compares in float64 and

@@ -14,15 +14,16 @@ from minimask.ops.roi_align import roi_align, roi_align_backward, roi_align_forw
 
 
 # ---------------------------------------------------------------------------- the slow reference
-def reference_roi_align(features, rois, output_size, scale, sampling_ratio, aligned):
-    """RoIAlign as Mask R-CNN §3 describes it, one number at a time (with torchvision's borders).
+def reference_terms(shape, rois, output_size, scale, sampling_ratio, aligned):
+    """RoIAlign as Mask R-CNN §3 describes it, one term at a time (with torchvision's borders).
 
     Each bin of the RoI is sampled at the centres of a regular sub-grid; each sample is a bilinear
-    interpolation of the four nearest cells; the bin is the average of its samples.
+    interpolation of the four nearest cells; the bin is the average of its samples. Yields
+    ``(k, ph, pw, n, y, x, weight)``: bin (ph, pw) of RoI k gives ``weight`` (its share of the
+    average included) to cell (y, x) of image n, for every term of non-zero weight.
     """
-    N, C, H, W = features.shape
+    N, C, H, W = shape
     PH, PW = output_size
-    out = np.zeros((len(rois), C, PH, PW))
     for k, (n, x1, y1, x2, y2) in enumerate(rois):
         shift = 0.5 if aligned else 0.0
         x1, y1, x2, y2 = (v * scale - shift for v in (x1, y1, x2, y2))
@@ -32,31 +33,47 @@ def reference_roi_align(features, rois, output_size, scale, sampling_ratio, alig
         bin_w, bin_h = width / PW, height / PH
         gy = sampling_ratio if sampling_ratio > 0 else math.ceil(height / PH)
         gx = sampling_ratio if sampling_ratio > 0 else math.ceil(width / PW)
-        for c in range(C):
-            for ph in range(PH):
-                for pw in range(PW):
-                    total = 0.0
-                    for iy in range(gy):
-                        y = y1 + ph * bin_h + (iy + 0.5) * bin_h / gy
-                        for ix in range(gx):
-                            x = x1 + pw * bin_w + (ix + 0.5) * bin_w / gx
-                            total += bilinear(features[int(n), c], y, x)
-                    out[k, c, ph, pw] = total / max(gy * gx, 1)
-    return out
+        for ph in range(PH):
+            for pw in range(PW):
+                for iy in range(gy):
+                    y = y1 + ph * bin_h + (iy + 0.5) * bin_h / gy
+                    for ix in range(gx):
+                        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / gx
+                        for cy, cx, weight in bilinear(H, W, y, x):
+                            yield k, ph, pw, int(n), cy, cx, weight / (gy * gx)
 
 
-def bilinear(fmap, y, x):
-    """Bilinear interpolation at (y, x) in cell units; 0 beyond one cell outside the map."""
-    H, W = fmap.shape
+def bilinear(H, W, y, x):
+    """The cells that interpolate (y, x) (in cell units) and their weights, the zero ones left
+    out: none beyond one cell outside the map."""
     if y < -1 or y > H or x < -1 or x > W:
-        return 0.0
+        return []
     y, x = min(max(y, 0.0), H - 1), min(max(x, 0.0), W - 1)  # clamp onto the last cell centres
     y0, x0 = int(y), int(x)
     y1, x1 = min(y0 + 1, H - 1), min(x0 + 1, W - 1)
     dy, dx = y - y0, x - x0
-    top = fmap[y0, x0] * (1 - dx) + fmap[y0, x1] * dx
-    bottom = fmap[y1, x0] * (1 - dx) + fmap[y1, x1] * dx
-    return top * (1 - dy) + bottom * dy
+    terms = [(y0, x0, (1 - dy) * (1 - dx)), (y0, x1, (1 - dy) * dx),
+             (y1, x0, dy * (1 - dx)), (y1, x1, dy * dx)]  # fmt: skip
+    return [term for term in terms if term[2] != 0]
+
+
+def reference_roi_align(features, rois, output_size, scale, sampling_ratio, aligned):
+    """The output: each bin the sum of its terms."""
+    out = np.zeros((len(rois), features.shape[1], *output_size))
+    terms = reference_terms(features.shape, rois, output_size, scale, sampling_ratio, aligned)
+    for k, ph, pw, n, y, x, weight in terms:
+        out[k, :, ph, pw] += weight * features[n, :, y, x]
+    return out
+
+
+def reference_gradient(shape, rois, output_size, scale, sampling_ratio, aligned, grad):
+    """The gradient of the features: each term sends weight * (its bin's gradient) to its cell."""
+    grad_features = np.zeros(shape)
+    for k, ph, pw, n, y, x, weight in reference_terms(
+        shape, rois, output_size, scale, sampling_ratio, aligned
+    ):
+        grad_features[n, :, y, x] += weight * grad[k, :, ph, pw]
+    return grad_features
 
 
 # ---------------------------------------------------------------------------- random cases
@@ -172,6 +189,79 @@ def test_gradients_match_finite_differences(case):
         )
 
     check_gradients(fn, case["features"])
+
+
+# ---------------------------------------------------------------------------- NaN and inf
+def poison(a, rng, fraction):
+    """A copy of ``a`` with about ``fraction`` of its values replaced by NaN, +inf or -inf."""
+    a = a.copy()
+    where = rng.random(a.shape) < fraction
+    a[where] = rng.choice([np.nan, np.inf, -np.inf], int(where.sum()))
+    return a
+
+
+@st.composite
+def poisoned_cases(draw, **kwargs):
+    """A case whose features and output gradient hold some NaN and infinities."""
+    case = draw(cases(**kwargs))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    fraction = draw(st.sampled_from([0.02, 0.1, 0.3]))
+    return dict(case, features=poison(case["features"], rng, fraction),
+                grad=poison(case["grad"], rng, fraction))  # fmt: skip
+
+
+@pytest.mark.parametrize("block_rois, own_value_cost", [(3, 10**9), (4, -(10**9)), (16, 64)])
+@settings(max_examples=25)
+@given(case=poisoned_cases(max_side=7, max_rois=3))
+def test_nan_and_inf_reach_only_the_bins_that_sample_them(case, block_rois, own_value_cost):
+    # The reference adds only the terms of non-zero weight, as the definition reads: a bin is
+    # NaN (or inf) only when one of the cells its samples interpolate is.
+    with pytest.MonkeyPatch.context() as patch:  # shared windows, own windows, the estimate's
+        patch.setattr(roi_align_module, "BLOCK_ROIS", block_rois)
+        patch.setattr(roi_align_module, "OWN_VALUE_COST", own_value_cost)
+        out, grad_features, grad = run_ours(case)
+    options = [case[k] for k in ("rois", "output_size", "scale", "sampling_ratio", "aligned")]
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums
+        expected = reference_roi_align(case["features"], *options)
+        expected_grad = reference_gradient(case["features"].shape, *options, grad)
+    np.testing.assert_allclose(out, expected, rtol=1e-9, atol=1e-12)  # NaN and inf in place
+    np.testing.assert_allclose(grad_features, expected_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_nan_outside_a_bins_samples_leaves_it_finite():
+    # Two bins of 5 columns, one sample each, at x = 2.5 and 7.5: they interpolate columns 2, 3
+    # and 7, 8. Column 5 lies between them, inside the RoI but read by neither.
+    F = np.arange(10.0).reshape(1, 1, 1, 10)
+    F[0, 0, 0, 5] = np.nan
+    rois = np.array([[0, 0.0, 0.0, 10.0, 1.0]])
+    out, saved = roi_align_forward(F, rois, (1, 2), 1.0, 1)
+    np.testing.assert_array_equal(out[0, 0, 0], [F[..., 2:4].mean(), F[..., 7:9].mean()])
+    # Backward: a NaN gradient of the first bin reaches its cells only.
+    grad_out = np.array([np.nan, 1.0]).reshape(1, 1, 1, 2)
+    grad = roi_align_backward(grad_out, saved)[0, 0, 0]
+    np.testing.assert_array_equal(np.isnan(grad), np.isin(np.arange(10), [2, 3]))
+    np.testing.assert_array_equal(grad[~np.isnan(grad)], [0, 0, 0, 0, 0, 0.5, 0.5, 0])
+    if torchvision is not None:
+        x = torch.tensor(F, requires_grad=True)
+        theirs = torchvision.ops.roi_align(x, torch.tensor(rois), (1, 2), 1.0, 1)
+        theirs.backward(torch.tensor(grad_out))
+        np.testing.assert_array_equal(out, theirs.detach().numpy())
+        np.testing.assert_array_equal(grad, x.grad.numpy()[0, 0, 0])
+
+
+@requires_torchvision
+@settings(max_examples=40)
+@given(case=poisoned_cases())
+def test_nan_and_inf_like_torchvision_where_it_weighs_what_it_reads(case):
+    # torchvision also reads cells with weight 0 (module docstring), where 0 * NaN spreads the
+    # NaN further. So: wherever torchvision is finite, the same number; wherever minimask is not
+    # finite, torchvision is not either.
+    out, grad_features, grad = run_ours(case)
+    expected_out, expected_grad = run_torchvision(case, grad)
+    for ours, theirs in ((out, expected_out), (grad_features, expected_grad)):
+        finite = np.isfinite(theirs)
+        np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-6, atol=1e-12)
+        assert not (~np.isfinite(ours) & finite).any()
 
 
 # ---------------------------------------------------------------------------- invariants

@@ -1,11 +1,12 @@
 """RoIPool: torchvision, a nested-loop reference from Fast R-CNN, finite differences, invariants."""
 
 import math
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pytest
 from helpers import check_gradients, requires_torchvision, torch, torchvision
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import minimask.ops.roi_pool as roi_pool_module
@@ -14,6 +15,12 @@ from minimask.ops.roi_pool import roi_pool, roi_pool_backward, roi_pool_forward
 
 
 # ---------------------------------------------------------------------------- the slow reference
+def c_round(v: float) -> int:
+    """C's ``round`` of a Python float: the nearest integer, halves away from zero."""
+    whole = math.floor(abs(v))
+    return int(math.copysign(whole + (abs(v) - whole >= 0.5), v))
+
+
 def reference_roi_pool(features, rois, output_size, scale):
     """RoIPool as Fast R-CNN §2.1 describes it (with the Caffe rounding), one cell at a time.
 
@@ -26,7 +33,7 @@ def reference_roi_pool(features, rois, output_size, scale):
     out = np.zeros((len(rois), C, PH, PW))
     argmax = np.full((len(rois), C, PH, PW), -1)
     for k, (n, *box) in enumerate(rois):
-        x1, y1, x2, y2 = (int(math.floor(abs(v * scale) + 0.5) * np.sign(v)) for v in box)
+        x1, y1, x2, y2 = (c_round(v * scale) for v in box)
         width, height = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)  # counted inclusively
         for ph in range(PH):
             top = min(max(y1 + math.floor(ph * height / PH), 0), H)
@@ -154,6 +161,58 @@ def test_rounding_goes_half_away_from_zero():
     X = np.arange(16.0).reshape(1, 1, 4, 4)
     out, _ = roi_pool_forward(X, np.array([[0, 2.5, 0.0, 3.0, 3.0]]), (1, 1), 1.0)
     assert out[0, 0, 0, 0] == 15
+
+
+@settings(max_examples=200)
+@given(
+    v=st.one_of(
+        st.floats(-1e6, 1e6),
+        st.integers(-1000, 1000).map(lambda n: n / 2),  # the halves themselves
+        st.integers(-1000, 1000).map(lambda n: np.nextafter(n / 2, n / 2 + 1.0)),  # around them
+        st.integers(-1000, 1000).map(lambda n: np.nextafter(n / 2, n / 2 - 1.0)),
+    ),
+    dtype=st.sampled_from([np.float64, np.float32]),
+)
+@example(v=np.nextafter(0.5, 0.0), dtype=np.float64)  # 1/2 - 2^-54: |x| + 0.5 rounds to 1
+@example(v=-np.nextafter(0.5, 0.0), dtype=np.float64)
+@example(v=np.nextafter(np.float32(0.5), np.float32(0.0)), dtype=np.float32)  # 1/2 - 2^-25
+def test_rounding_is_c_round_of_the_exact_value(v, dtype):
+    # Decimal rounds the exact binary value with no intermediate rounding: the independent answer.
+    v = dtype(v)
+    expected = Decimal(float(v)).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    assert roi_pool_module._round_half_away(np.array([v])) == float(expected)
+    assert c_round(float(v)) == int(expected)
+
+
+def test_just_below_one_half_rounds_down_as_in_c():
+    # 0.49999999999999994 (the largest double below 1/2) + 0.5 rounds to 1.0 in float64, so
+    # floor(|x| + 0.5) would round it up; C's round gives 0. The RoI is then row 0 alone.
+    below_half = np.nextafter(0.5, 0.0)
+    X = np.array([1.0, 2.0]).reshape(1, 1, 2, 1)
+    rois = np.array([[0, 0.0, below_half, 0.0, below_half]])
+    out, saved = roi_pool_forward(X, rois, (1, 1), 1.0)
+    expected, expected_argmax = reference_roi_pool(X, rois, (1, 1), 1.0)
+    assert out[0, 0, 0, 0] == X[0, 0, 0, 0] == expected[0, 0, 0, 0]
+    assert saved.argmax[0, 0, 0, 0] == 0 == expected_argmax[0, 0, 0, 0]
+    if torchvision is not None:
+        theirs = torchvision.ops.roi_pool(torch.tensor(X), torch.tensor(rois), (1, 1), 1.0)
+        np.testing.assert_array_equal(out, theirs.numpy())
+
+
+def test_values_below_minus_flt_max_keep_their_true_max():
+    # Documented difference: torchvision starts each max at -FLT_MAX, so in float64 a bin whose
+    # values are all below it gives -FLT_MAX and no gradient. minimask gives the true max.
+    X = np.array([[-3e300, -1e300], [-2e300, -5e300]]).reshape(1, 1, 2, 2)
+    rois = np.array([[0, 0.0, 0.0, 1.0, 1.0]])
+    out, saved = roi_pool_forward(X, rois, (1, 1), 1.0)
+    assert out[0, 0, 0, 0] == X.max() == -1e300
+    grad = roi_pool_backward(np.ones_like(out), saved)
+    np.testing.assert_array_equal(grad, X == X.max())  # all of it at the max's cell
+    np.testing.assert_array_equal(out, reference_roi_pool(X, rois, (1, 1), 1.0)[0])
+    if torchvision is not None:
+        flt_max = float(np.finfo(np.float32).max)
+        theirs = torchvision.ops.roi_pool(torch.tensor(X), torch.tensor(rois), (1, 1), 1.0)
+        assert theirs.item() == -flt_max  # the difference the module docstring states
 
 
 def test_empty_roi_list():

@@ -1,6 +1,7 @@
 """The training loop: exact resume, atomic checkpoints, loss logs, and a NaN that names its op."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from minimask.data.shapes import ShapesConfig, shapes_batches
 from minimask.model.checkpoint import model_from_checkpoint
 from minimask.model.config import tiny
 from minimask.model.mask_rcnn import MaskRCNN
-from minimask.nn import init
+from minimask.nn import Module, Parameter, init
 from minimask.train import NonFiniteLossError, TrainConfig, fit, load_checkpoint
 
 SMALL = ShapesConfig(image_size=64, min_size=12, max_size=28, max_shapes=3)
@@ -91,3 +92,56 @@ def test_a_nan_stops_training_and_names_the_op_where_it_arose(tmp_path):
     assert "Permute" in message and "layers.py" in message and "already non-finite" in message
     assert "checkpoint.npz" in message  # the last good checkpoint (iteration 2)
     assert load_checkpoint(str(tmp_path / "checkpoint.npz"), small_model())["iteration"] == 2
+
+
+def test_clip_norm_zero_trains_without_clipping(tmp_path):
+    # 0 turns clipping off: the same steps as a bound the gradients never reach.
+    off = small_model()
+    records = fit(off, shapes_batches(0, 2, SMALL), replace(CONFIG, clip_norm=0.0),
+                  str(tmp_path / "off"), progress=False)  # fmt: skip
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    never = small_model()
+    fit(never, shapes_batches(0, 2, SMALL), replace(CONFIG, clip_norm=1e30),
+        str(tmp_path / "never"), progress=False)  # fmt: skip
+    a, b = params(off), params(never)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+class SqrtOfZero(Module):
+    """A finite loss, sqrt(p) at p = 0, whose gradient 1 / (2 sqrt(p)) is infinite."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = Parameter(np.zeros(3))
+
+    def forward(self, images, targets):
+        return {"loss": self.p.sqrt().sum()}
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 10.0])
+def test_a_non_finite_gradient_stops_training_with_or_without_clipping(tmp_path, clip_norm):
+    with pytest.raises(NonFiniteLossError) as info, np.errstate(divide="ignore"):
+        fit(SqrtOfZero(), lambda i: (None, None), replace(CONFIG, clip_norm=clip_norm),
+            str(tmp_path), progress=False)  # fmt: skip
+    message = str(info.value)
+    assert "iteration 1" in message and "'loss': 0.0" in message
+    assert "Sqrt" in message  # the detective names the op whose gradient is infinite
+
+
+def test_a_nan_objectness_logit_reaches_the_loss_and_its_explanation(tmp_path):
+    # NaN logits are scores of the RPN's NMS during training: it must order them (as torchvision
+    # does), not refuse them, so that the loop can stop with its explanation.
+    model = small_model()
+    batches = shapes_batches(0, 2, SMALL)
+
+    def poisoned(i):
+        if i == 2:
+            model.rpn.head.cls_logits.bias.data[0] = np.nan  # every logit of the first anchor
+        return batches(i)
+
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(model, poisoned, CONFIG, str(tmp_path), progress=False)
+    message = str(info.value)
+    assert "iteration 3" in message and "'loss_objectness': nan" in message
+    assert "Conv2d" in message and "1 NaN" in message  # the detective names the poisoned conv

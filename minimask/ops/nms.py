@@ -11,6 +11,11 @@ Ties in score are broken by index: of two equal scores, the box that comes first
 considered first (a stable sort), as in torchvision's CPU kernel. The result lists the kept
 indices in that order (decreasing score, then increasing index).
 
+NaN scores are ordered as torchvision orders them: torch's descending sort puts NaN above every
+number, so boxes with a NaN score come first (in input order) and can suppress the others. (NumPy
+would put them last.) They are not refused: a NaN objectness logit during training must reach the
+loss, where the training loop stops with its explanation of where the NaN arose.
+
 Greedy NMS without a loop over boxes (the xp version)
 -----------------------------------------------------
 The rule above is sequential, but it can be evaluated a block of ``B`` sorted boxes at a time:
@@ -59,7 +64,8 @@ def nms(boxes, scores, iou_threshold: float):
 
     Returns:
         (K,) int64 indices into ``boxes``, in decreasing order of score (ties: lower index
-        first), on the input's device. Empty input gives an empty array.
+        first; NaN scores before all others, as in torchvision), on the input's device. Empty
+        input gives an empty array.
     """
     return batched_nms(boxes, scores, None, iou_threshold)
 
@@ -94,6 +100,9 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float):
         order = np.argsort(-scores, kind="stable")  # (N,) best first; ties keep input order
     else:
         order = xp.argsort(-scores)  # CuPy's sort is always stable
+    nan = xp.isnan(scores)
+    if bool(nan.any()):  # NaN first, in input order, as torch sorts them (module docstring)
+        order = xp.concatenate([xp.flatnonzero(nan), order[~nan[order]]])
     sorted_boxes = xp.ascontiguousarray(boxes[order])  # (N, 4)
     classes = None if idxs is None else idxs[order]  # (N,)
     bound = _suppression_bound(iou_threshold, boxes.dtype)

@@ -49,12 +49,30 @@ estimate says is cheaper:
 
 Every stage is one NumPy call over a batch of small matrix products. The Python loop runs over
 blocks (and images), never over RoIs, bins or cells.
+
+Non-finite values
+-----------------
+By the definition, a bin depends only on the cells that its samples interpolate with a non-zero
+weight. The products above also multiply the zero weights of a window by the cells they do not
+use, and 0 · NaN = NaN (0 · inf too): one NaN anywhere in a shared window would reach every bin
+of every RoI pooled in it. So when the features (in backward, the output's gradient) are not all
+finite, the op is computed in two parts (:func:`_only_weighted_terms`). The same products of the
+values with the non-finite ones set to 0 give the sum of every bin's finite terms. The same
+products of a 0/1 mask of the NaNs (then of the +infs, the -infs) with 0/1 weights, 1 where a
+weight is not 0, tell which outputs they reach; those outputs get the NaN (inf) added, as the
+full sum would. One ``isfinite`` pass over the input decides; the extra products run only when
+there is something to mask.
+
+torchvision's kernel reads the four cells around every sample even where a weight is 0 (a sample
+exactly on a row or column of cell centres, or clamped onto the border), and cell (0, 0), with
+weight 0, for a sample outside the map. There a NaN or inf reaches bins that minimask leaves
+finite; elsewhere the two agree.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -282,7 +300,16 @@ def roi_align_forward(
         rois, output_size, spatial_scale, sampling_ratio, aligned, (H, W), features.dtype
     )
     blocks = plan_blocks(ay_all, ax_all, rois[:, 0].astype(np.int64), N, C)
-    out = xp.empty((rois.shape[0], C, PH, PW), dtype=features.dtype)  # every RoI is written
+    out_shape = (rois.shape[0], C, PH, PW)
+    out = _only_weighted_terms(lambda v, bs: _pool(v, bs, out_shape), features, blocks)
+    return out, RoIAlignSaved(features.shape, blocks)
+
+
+def _pool(features, blocks, out_shape):
+    """``out[k, c] = Ay[k] @ F[n, c] @ Ax[k].T`` for the RoIs of every block: (K, C, PH, PW)."""
+    xp = get_array_module(features)
+    C, PH = out_shape[1], out_shape[2]
+    out = xp.empty(out_shape, dtype=features.dtype)  # every RoI is in a block: all written
     pixels = {}  # per image, the map channels-last (H*W, C), for own windows
     for b in blocks:
         (k, _, h), w = b.ay.shape, b.ax.shape[2]
@@ -298,7 +325,7 @@ def roi_align_forward(
             rows = b.ay[:, None] @ crops  # (k, w, PH, C): the y-stage
             pooled = b.ax[:, None] @ rows.transpose(0, 2, 1, 3)  # (k, PH, PW, C): the x-stage
             out[b.index] = pooled.transpose(0, 3, 1, 2)
-    return out, RoIAlignSaved(features.shape, blocks)
+    return out
 
 
 def roi_align_backward(grad_out, saved: RoIAlignSaved):
@@ -311,11 +338,16 @@ def roi_align_backward(grad_out, saved: RoIAlignSaved):
     Returns:
         (N, C, H, W): ``dF[n, c] = sum over RoIs k of image n of Ay[k].T @ grad_out[k, c] @ Ax[k]``.
     """
+    return _only_weighted_terms(lambda g, bs: _unpool(g, bs, saved.shape), grad_out, saved.blocks)
+
+
+def _unpool(grad_out, blocks, shape):
+    """The transpose of :func:`_pool`: ``dF[n, c] = sum_k Ay[k].T @ grad_out[k, c] @ Ax[k]``."""
     xp = get_array_module(grad_out)
-    N, C, H, W = saved.shape
-    grad = xp.zeros(saved.shape, dtype=grad_out.dtype)
+    N, C, H, W = shape
+    grad = xp.zeros(shape, dtype=grad_out.dtype)
     pixels = {}  # per image, the gradient of the own windows, channels-last (H*W*C,)
-    for b in saved.blocks:
+    for b in blocks:
         (k, PH, h), w = b.ay.shape, b.ax.shape[2]
         if b.cells is None:  # shared window
             g = grad_out[b.index].transpose(1, 0, 2, 3)  # (C, k, PH, PW)
@@ -332,6 +364,33 @@ def roi_align_backward(grad_out, saved: RoIAlignSaved):
     for n, g in pixels.items():
         grad[n] += g.reshape(H * W, C).T.reshape(C, H, W)
     return grad
+
+
+def _only_weighted_terms(linear, values, blocks):
+    """``linear(values, blocks)``, where a NaN or inf reaches only the outputs that give it a
+    non-zero weight (module docstring, "Non-finite values").
+
+    ``linear`` is :func:`_pool` or :func:`_unpool`: each output a sum of ``weight * value``
+    terms over the blocks' windows, with weights >= 0.
+    """
+    xp = get_array_module(values)
+    finite = xp.isfinite(values)
+    if bool(finite.all()):  # no 0 * NaN can arise: the plain products are the definition
+        return linear(values, blocks)
+    result = linear(xp.where(finite, values, 0), blocks)  # the sum of the finite terms
+    # The outputs a non-finite value reaches: the same products of a 0/1 mask of those values
+    # with 0/1 weights (1 where the weight is not 0) count its terms of non-zero weight.
+    support = [
+        replace(b, ay=(b.ay != 0).astype(b.ay.dtype), ax=(b.ax != 0).astype(b.ax.dtype))
+        for b in blocks
+    ]
+    for value, where in ((xp.inf, values == xp.inf), (-xp.inf, values == -xp.inf),
+                         (xp.nan, xp.isnan(values))):  # fmt: skip
+        if bool(where.any()):
+            reached = linear(where.astype(values.dtype), support) > 0
+            with np.errstate(invalid="ignore"):  # as in the full sum: inf - inf is NaN
+                result[reached] += value  # and anything + NaN is NaN
+    return result
 
 
 class RoIAlign(Function):

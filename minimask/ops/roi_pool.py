@@ -33,8 +33,13 @@ Bins have different sizes, so no fixed window can be vectorized. Instead, per im
    corners, ``a = floor(log2 h)``, ``b = floor(log2 w)``, so its key is the min of four table
    lookups, done for every bin of a block of RoIs at once.
 
-NaNs rank below every number, so a bin's NaNs are skipped as in torchvision (a bin of nothing
-but NaNs gives NaN, where torchvision gives -FLT_MAX).
+NaNs rank below every number, so a bin's NaNs are skipped as in torchvision. Two cases differ
+from torchvision on purpose, because its kernel starts each bin's max at -FLT_MAX (the most
+negative float32) and replaces it only by a larger value:
+
+* a bin of nothing but NaNs gives NaN, where torchvision gives -FLT_MAX;
+* a bin whose values are all below -FLT_MAX (float64 only, e.g. -1e300) gives its true max and
+  passes the gradient to it, where torchvision gives -FLT_MAX and no gradient.
 """
 
 from __future__ import annotations
@@ -56,9 +61,16 @@ BLOCK_OUTPUTS_GPU = 2**22
 
 
 def _round_half_away(x):
-    """C's ``round``: halves go away from zero (NumPy's ``round`` sends them to even)."""
+    """C's ``round``: halves go away from zero (NumPy's ``round`` sends them to even).
+
+    The fraction is compared with 1/2 exactly: ``|x| - floor(|x|)`` is exact in floating point.
+    The shortcut ``floor(|x| + 0.5)`` is not: for the largest double below 1/2,
+    0.49999999999999994, the sum rounds up to 1.0.
+    """
     xp = get_array_module(x)
-    return xp.sign(x) * xp.floor(xp.abs(x) + 0.5)
+    size = xp.abs(x)
+    whole = xp.floor(size)
+    return xp.sign(x) * (whole + (size - whole >= 0.5))
 
 
 def roi_bins(rois, output_size, spatial_scale, shape, dtype):
