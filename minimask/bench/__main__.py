@@ -1,4 +1,4 @@
-"""``python -m minimask.bench {conv,ops,train} [--repeat N]``: print one benchmark table."""
+"""``python -m minimask.bench {conv,ops,parity,train} [--repeat N]``: print one benchmark table."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ SUITES = {
     "conv": "minimask.bench.conv",  # conv2d forward+backward at Mask R-CNN's layer shapes
     "ops": "minimask.bench.ops",  # roi_align, roi_pool and nms against torchvision
     "train": "minimask.bench.train",  # tiny Mask R-CNN vs torchvision's: speed, memory, AP
+    "parity": "minimask.bench.parity",  # R50-FPN vs torchvision's, stage by stage, same weights
 }
 
 
@@ -18,7 +19,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="runs per row; the median is shown")
     args, rest = parser.parse_known_args(argv)
     suite = importlib.import_module(SUITES[args.suite])
-    if args.suite == "train":  # it has options of its own (see its --help)
+    if args.suite in ("train", "parity"):  # they have options of their own (see their --help)
         suite.main(repeat=args.repeat, argv=rest)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
