@@ -142,6 +142,8 @@ def _add_train(subparsers) -> None:
     p.add_argument("--out", default="runs/train", help="checkpoint folder")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an OUT that already holds a run")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_train)
 
@@ -178,7 +180,8 @@ def _run_train(args) -> int:
         workflow.train(_data(args), args.preset, config, args.batch_size, args.out,
                        resume=args.resume, weights=args.weights,
                        backbone_weights=args.backbone_weights, min_size=args.min_size,
-                       max_size=args.max_size, progress=not args.no_progress)  # fmt: skip
+                       max_size=args.max_size, progress=not args.no_progress,
+                       overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, {args.out}/loss_curve.png")
     return 0
 
@@ -350,8 +353,9 @@ def _run_data_subset(args) -> int:
 
     if args.max_images is not None and args.max_images < 1:
         raise SystemExit("minimask data subset: --max-images must be >= 1")
-    build_subset(args.annotations, args.images, args.out, args.categories, args.max_images,
-                 args.min_area, args.split, progress=not args.no_progress)  # fmt: skip
+    with _clear_errors(args):
+        build_subset(args.annotations, args.images, args.out, args.categories, args.max_images,
+                     args.min_area, args.split, progress=not args.no_progress)  # fmt: skip
     return 0
 
 

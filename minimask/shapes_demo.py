@@ -46,7 +46,7 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str = "runs/demo",
     start = time.perf_counter()
     data = workflow.ShapesData(config.val_images, config.seed)
     model = workflow.train(data, "tiny", train, config.batch_size, out_dir, progress=progress,
-                  log=lambda line: None)  # fmt: skip
+                           log=lambda line: None, overwrite=True)  # the demo starts afresh
     train_seconds = time.perf_counter() - start
     metrics = workflow.evaluate(model, data.meta(), data, out_dir, batch_size=4,
                                 progress=progress, log=lambda line: None)  # fmt: skip

@@ -148,8 +148,12 @@ class CocoData:
 def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
           resume: bool = False, weights: str | None = None, backbone_weights: str | None = None,
           min_size: int | None = None, max_size: int | None = None, progress: bool = True,
-          log=print) -> MaskRCNN:  # fmt: skip
-    """Train ``preset`` on ``data`` (an adapter above) with :func:`minimask.train.fit`."""
+          log=print, overwrite: bool = False) -> MaskRCNN:  # fmt: skip
+    """Train ``preset`` on ``data`` (an adapter above) with :func:`minimask.train.fit`.
+
+    ``resume`` continues the run in ``out_dir``; ``overwrite`` replaces it; with neither, a
+    folder that already holds a run is refused (:class:`minimask.train.RunExistsError`).
+    """
     model_config = data.model_config(preset, min_size, max_size, bool(weights or backbone_weights))
     model = build_model(model_config, config.seed, weights, backbone_weights, log)
     meta = {"preset": preset, "batch_size": batch_size, "model_config": asdict(model_config),
@@ -159,7 +163,7 @@ def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
         f"side {c.min_size} (longer <= {c.max_size}), batch {batch_size}")  # fmt: skip
     batches = data.train_batches(config.seed, batch_size)
     start = time.perf_counter()
-    fit(model, batches, config, out_dir, resume, progress, meta)
+    fit(model, batches, config, out_dir, resume, progress, meta, overwrite=overwrite, log=log)
     seconds = time.perf_counter() - start
     log(f"trained in {seconds:.0f} s ({seconds / max(config.iterations, 1):.2f} s/iteration)")
     problems = getattr(batches, "problems", None)

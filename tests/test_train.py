@@ -70,9 +70,12 @@ def test_outputs_checkpoint_and_reload(tmp_path):
     assert rebuilt.config == model.config and not rebuilt.training
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint"):
-        fit(small_model(), shapes_batches(0, 2, SMALL), CONFIG, str(tmp_path), resume=True)
+def test_resume_without_a_checkpoint_starts_afresh_with_a_note(tmp_path):
+    notes = []
+    records = fit(small_model(), shapes_batches(0, 2, SMALL), CONFIG, str(tmp_path),
+                  resume=True, progress=False, log=notes.append)  # fmt: skip
+    assert [r["iteration"] for r in records] == list(range(1, CONFIG.iterations + 1))
+    assert len(notes) == 1 and "no checkpoint" in notes[0] and "iteration 0" in notes[0]
 
 
 def test_a_nan_stops_training_and_names_the_op_where_it_arose(tmp_path):

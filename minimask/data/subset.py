@@ -14,6 +14,8 @@ and write ``OUT/annotations/instances_<split>.json`` (``info``, ``licenses``, ``
 ``annotations``, ``categories``) plus a copy of each image in ``OUT/<split>/``. The result loads
 with ``pycocotools.coco.COCO`` and with :class:`minimask.data.coco.CocoDataset.from_root`.
 Annotations are copied as they are (bad ones included): cleaning happens when they are read.
+An empty selection, or an ``OUT`` that would overwrite the input, is refused before anything is
+written.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ def build_subset(annotation_file: str, image_dir: str, out_dir: str, categories=
             continue
         images.append(image)
 
+    if not images:
+        why = f"; {problems.summary()}" if problems else ""
+        raise ValueError(
+            f"no image of {annotation_file} holds a kept annotation with its file in {image_dir}"
+            f" (categories {sorted(chosen)[:5]}, min area {min_area}){why}: nothing written"
+        )
+    path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
+    _refuse_overwriting_inputs(path, os.path.join(out_dir, split), annotation_file, image_dir)
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     bar = images
     if progress:
@@ -83,7 +93,6 @@ def build_subset(annotation_file: str, image_dir: str, out_dir: str, categories=
         "annotations": [a for i in sorted(ids) for a in anns_of[i]],
         "categories": [c for c in data["categories"] if c.get("id") in chosen],
     }
-    path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
     with open(path, "w") as f:
         json.dump(subset, f)
     if problems:
@@ -99,3 +108,16 @@ def _box_area(bbox) -> float:
         return float(bbox[2]) * float(bbox[3])
     except (TypeError, IndexError, ValueError):
         return 0.0
+
+
+def _refuse_overwriting_inputs(json_out: str, images_out: str, annotation_file: str,
+                               image_dir: str) -> None:  # fmt: skip
+    """Refuse an output that would overwrite the input annotation file or copy images onto
+    themselves (``--out`` equal to the source root), before anything is written."""
+    same = os.path.realpath
+    if os.path.exists(json_out) and os.path.samefile(json_out, annotation_file):
+        raise ValueError(f"--out would overwrite the input {annotation_file}: choose another "
+                         "folder")  # fmt: skip
+    if same(images_out) == same(image_dir):
+        raise ValueError(f"--out would copy the images of {image_dir} onto themselves: choose "
+                         "another folder")  # fmt: skip
