@@ -94,8 +94,8 @@ def test_bad_annotations_are_counted_skips_with_a_warning(tmp_path):
     message = str(record[0].message)
     assert "instances_val2017.json" in message
     counts = ds.problems.counts
-    assert counts["zero-area box"] == 1 and "annotation 2 (image 1)" in message
-    assert counts["polygon of < 3 points"] == 2 and "annotation 3 (image 1)" in message
+    assert counts["zero-area box"] == 1 and "annotation 2 (image 1, 1.png)" in message
+    assert counts["polygon of < 3 points"] == 2 and "annotation 3 (image 1, 1.png)" in message
     assert counts["box outside the image"] == 1 and "annotation 4" in message
     assert counts["unknown category id"] == 1 and "category 99" in message
     assert counts["box clipped to the image"] == 1

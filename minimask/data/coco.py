@@ -23,10 +23,11 @@ its JSON entry is refused, never silently rescaled.
 Bad data never stops a run half-way. The JSON itself must be sound (valid JSON with ``images``,
 ``annotations`` and ``categories``): otherwise :class:`CocoFormatError` names the file and the
 key. A bad annotation (zero-area box, polygon of < 3 points, box outside the image, unknown
-category...) is dropped (or its box clipped) and counted in :class:`DataProblems`, which warns
-once with a summary. A bad image (missing, unreadable, truncated, wrong size) raises
-:class:`BadImageError` naming the file and the image id; the training and evaluation loops count
-it as a skip and report it at the end.
+category, an RLE that does not cover the image, iscrowd not 0 or 1...) is dropped (or its box
+clipped) and counted in :class:`DataProblems`, which warns once with a summary. A bad image
+(missing, unreadable, truncated, too large, wrong size) raises :class:`BadImageError` naming the
+file and the image id; the training and evaluation loops count it as a skip and report it at the
+end.
 """
 
 from __future__ import annotations
@@ -373,7 +374,7 @@ def _clean_annotation(ann: dict, images: dict, known: dict, problems: DataProble
     image = images.get(ann["image_id"])
     if image is None:
         return problems.add("unknown image id", f"annotation {aid}: no image {ann['image_id']}")
-    where = f"annotation {aid} (image {ann['image_id']})"
+    where = f"annotation {aid} (image {ann['image_id']}, {image['file_name']})"
     if ann["category_id"] not in known:
         return problems.add("unknown category id", f"{where}: category {ann['category_id']}")
     bbox = ann["bbox"]
@@ -389,24 +390,26 @@ def _clean_annotation(ann: dict, images: dict, known: dict, problems: DataProble
         return problems.add("box outside the image", f"{where}: bbox {bbox} in {width}x{height}")
     if (x1, y1, x2, y2) != (x, y, x + w, y + h):
         problems.add("box clipped to the image", f"{where}: bbox {bbox} in {width}x{height}")
+    crowd = ann.get("iscrowd", 0)  # COCO writes 0 or 1; JSON's false and true mean the same
+    if crowd not in (0, 1):
+        return problems.add("iscrowd not 0 or 1", f"{where}: iscrowd {crowd!r}")
     segm = _clean_segmentation(ann["segmentation"], height, width, where, problems)
     if segm is None:
         return None
     clean = {**ann, "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": segm}
-    clean["iscrowd"] = int(bool(ann.get("iscrowd", 0)))
+    clean["iscrowd"] = int(crowd)
     clean.setdefault("area", (x2 - x1) * (y2 - y1))
     return clean
 
 
 def _clean_segmentation(segm, height: int, width: int, where: str, problems: DataProblems):
     if isinstance(segm, dict):  # RLE, compressed (counts: str) or not (counts: list)
-        if "counts" not in segm or list(segm.get("size", ())) != [height, width]:
-            return problems.add(
-                "bad RLE", f"{where}: RLE size {segm.get('size')} != {[height, width]}"
-            )
-        return segm
+        problem = rle_problem(segm, height, width)
+        return segm if problem is None else problems.add("bad RLE", f"{where}: {problem}")
     if not isinstance(segm, list):
         return problems.add("bad segmentation", f"{where}: segmentation is {type(segm).__name__}")
+    if not segm:
+        return problems.add("empty segmentation", f"{where}: segmentation []")
     polygons = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
     if not all(_numbers(p) for p in polygons):
         return problems.add("bad segmentation", f"{where}: a polygon holds non-numbers")
@@ -414,6 +417,64 @@ def _clean_segmentation(segm, height: int, width: int, where: str, problems: Dat
         dropped = len(segm) - len(polygons)
         problems.add("polygon of < 3 points", f"{where}: {dropped} of {len(segm)} polygons dropped")
     return polygons if polygons else None
+
+
+def rle_problem(rle: dict, height: int, width: int) -> str | None:
+    """Why ``rle`` cannot be the mask of a ``height`` × ``width`` image, or None if it can.
+
+    An RLE lists the lengths of alternating runs of 0s and 1s down the columns (column-major),
+    starting with 0s, so its runs must be whole numbers >= 0 that add up to exactly H·W. Too few
+    would leave pixels that pycocotools never writes (they come out as whatever was in memory);
+    too many make it fail with "Invalid RLE mask representation".
+    """
+    size, counts = rle.get("size"), rle.get("counts")
+    if not isinstance(size, list) or not _whole_numbers(size) or size != [height, width]:
+        return f"RLE size {size!r} is not the image's [{height}, {width}]"
+    if isinstance(counts, str):
+        runs = rle_string_runs(counts)
+        if runs is None:
+            return f"RLE counts {counts!r:.40} is not COCO's compressed RLE string"
+    elif isinstance(counts, list) and _whole_numbers(counts):
+        runs = counts
+    else:
+        return f"RLE counts {counts!r:.40} is neither a string nor a list of whole numbers"
+    if any(r < 0 for r in runs):
+        return "RLE has a run of negative length"
+    if sum(runs) != height * width:
+        return f"RLE runs add up to {sum(runs)} pixels, not {height} x {width} = {height * width}"
+    return None
+
+
+def rle_string_runs(counts: str) -> list[int] | None:
+    """The run lengths of COCO's compressed RLE string (pycocotools' ``rleFrString``), or None.
+
+    Each run is a signed number written 5 bits per character, lowest bits first, as the
+    characters ``chr(48 + c)`` for c in 0..63: bit 0x20 of c says another character follows,
+    and bit 0x10 of the last one is the sign. From the fourth run on, the number stored is the
+    difference from the run two before.
+    """
+    runs: list[int] = []
+    value, digits = 0, 0
+    for char in counts:
+        c = ord(char) - 48
+        if not 0 <= c < 64:
+            return None
+        value |= (c & 0x1F) << (5 * digits)
+        digits += 1
+        if c & 0x20:  # more characters of this number follow
+            continue
+        if c & 0x10:  # negative: extend the sign
+            value |= -1 << (5 * digits)
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+        value, digits = 0, 0
+    return None if digits else runs  # a number left unfinished is not an RLE
+
+
+def _whole_numbers(values) -> bool:
+    """Every value a JSON integer (not a bool, a float or a string)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def _numbers(values) -> bool:
