@@ -13,12 +13,24 @@ Each command is a pair of plain functions, ``_add_<name>(subparsers)`` to declar
 ``_run_<name>(args) -> exit code`` to do the work; a new command adds its pair and one line to
 :func:`build_parser`. Every dataset goes through one train/eval/predict path
 (:mod:`minimask.workflow`).
+
+Exit status: 0 done; 1 done in part (``predict`` skipped files it could not read, and says how
+many); 2 a **user error** stopped the command: bad arguments, a missing or damaged file, a full
+disk, a diverged run. A user error is printed as one line on stderr saying what is wrong and
+what to do, without a traceback (the one exception, a diverged run, adds the NaN detective's
+report). Ctrl-C prints one line and exits with 130. Any other exception is a bug in minimask
+and keeps its traceback; ``minimask --debug <command>`` shows the traceback of user errors too.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import errno
+import math
+import os
+import sys
+import zipfile
+import zlib
 
 
 # ---------------------------------------------------------------------------- classifier-demo
@@ -44,8 +56,8 @@ def _add_classifier_demo(subparsers) -> None:
 def _run_classifier_demo(args) -> int:
     from minimask.classifier_demo import DemoConfig, run  # noqa: PLC0415
 
-    if args.steps < 1:
-        raise SystemExit("minimask classifier-demo: --steps must be at least 1")
+    _positive(args, "steps", "batch_size")
+    _out_folder(args.out)
     config = DemoConfig(
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device
     )
@@ -78,6 +90,7 @@ def _run_demo(args) -> int:
     from minimask.shapes_demo import DemoConfig, run_demo  # noqa: PLC0415
 
     _positive(args, "iterations", "batch_size", "val_images")
+    _out_folder(args.out)
     config = DemoConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
@@ -89,9 +102,17 @@ def _run_demo(args) -> int:
 
 
 def _positive(args, *names) -> None:
+    """Refuse options (by their ``args`` names) below 1."""
     for name in names:
-        if getattr(args, name) < 1:
-            raise SystemExit(f"minimask {args.command}: --{name.replace('_', '-')} must be >= 1")
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+
+
+def _out_folder(out: str | None) -> None:
+    """Refuse an output folder that is a file (it would fail late, or be taken for a prefix)."""
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; give a folder (it is created if missing)")
 
 
 # ---------------------------------------------------------------------------- train
@@ -143,7 +164,8 @@ def _add_train(subparsers) -> None:
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.add_argument("--overwrite", action="store_true",
-                   help="start again in an OUT that already holds a run")  # fmt: skip
+                   help="start a new run in an OUT that already holds one (its files are "
+                   "replaced)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_train)
 
@@ -164,7 +186,7 @@ def _run_train(args) -> int:
     from minimask import workflow  # noqa: PLC0415
     from minimask.train import TrainConfig  # noqa: PLC0415
 
-    _positive(args, "iterations", "batch_size", "checkpoint_every")
+    _check_train_arguments(args)
     milestones = args.milestones if args.milestones is not None else [int(0.8 * args.iterations)]
     config = TrainConfig(
         iterations=args.iterations,
@@ -176,31 +198,63 @@ def _run_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
-    with _clear_errors(args):
-        workflow.train(_data(args), args.preset, config, args.batch_size, args.out,
-                       resume=args.resume, weights=args.weights,
-                       backbone_weights=args.backbone_weights, min_size=args.min_size,
-                       max_size=args.max_size, progress=not args.no_progress,
-                       overwrite=args.overwrite)  # fmt: skip
+    workflow.train(_data(args), args.preset, config, args.batch_size, args.out,
+                   resume=args.resume, weights=args.weights,
+                   backbone_weights=args.backbone_weights, min_size=args.min_size,
+                   max_size=args.max_size, progress=not args.no_progress,
+                   overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, {args.out}/loss_curve.png")
     return 0
 
 
-@contextlib.contextmanager
-def _clear_errors(args):
-    """Bad input (a missing file, a corrupt checkpoint or weights file, a bad annotation file)
-    ends the command with one line naming it, not a traceback."""
-    from minimask.data.coco import CocoFormatError  # noqa: PLC0415
-    from minimask.data.images import BadImageError  # noqa: PLC0415
-    from minimask.model.torch_format import WeightsError  # noqa: PLC0415
+def _check_train_arguments(args) -> None:
+    """Refuse, before anything is built or written, the values that cannot train."""
+    _positive(args, "iterations", "batch_size", "checkpoint_every")
+    for name, value in (("lr", args.lr), ("gamma", args.gamma)):
+        if not (math.isfinite(value) and value > 0):  # NaN fails every comparison
+            raise UsageError(f"--{name} {value}: must be a finite number above 0")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must be 0 (no warm-up) or more iterations")
+    min_size, max_size = _image_sizes(args)
+    if min_size < 32:
+        raise UsageError(f"--min-size {min_size}: must be at least 32 pixels (the stride of the "
+                         "coarsest feature map)")  # fmt: skip
+    if max_size < min_size:
+        given = "--min-size" if args.min_size is not None else "the default --min-size"
+        raise UsageError(f"--max-size {max_size} is below {given} {min_size}: the longer side "
+                         "cannot be shorter than the shorter one")  # fmt: skip
+    _out_folder(args.out)
+    for path in (args.weights, args.backbone_weights):
+        _check_archive(path)
+    checkpoint = os.path.join(args.out, "checkpoint.npz")
+    if args.resume and os.path.isfile(checkpoint):  # none: training starts afresh, with a note
+        _check_archive(checkpoint)
 
-    try:
-        yield
-    except (CocoFormatError, WeightsError, BadImageError, FileNotFoundError) as e:
-        raise SystemExit(f"minimask {args.command}: {e}") from e
-    except (KeyError, ValueError) as e:  # a checkpoint or weights file that does not fit
-        message = e.args[0] if e.args else repr(e)
-        raise SystemExit(f"minimask {args.command}: {message}") from e
+
+def _image_sizes(args) -> tuple[int, int]:
+    """The (min_size, max_size) a training run will use: the options, or the data's defaults."""
+    from minimask import workflow  # noqa: PLC0415
+    from minimask.model.config import get_config  # noqa: PLC0415
+
+    if args.dataset == "coco":
+        defaults = workflow.COCO_MIN_SIZE, workflow.COCO_MAX_SIZE
+    else:
+        preset = get_config(args.preset)
+        defaults = preset.min_size, preset.max_size
+    min_size = defaults[0] if args.min_size is None else args.min_size
+    return min_size, defaults[1] if args.max_size is None else args.max_size
+
+
+def _check_archive(path: str | None) -> None:
+    """Refuse a damaged zip archive (a checkpoint ``.npz``, torch's ``.pth``): NumPy and torch
+    read each array without checking its CRC, so flipped bytes would load as wrong weights."""
+    if path is None or not zipfile.is_zipfile(path):
+        return  # missing, or another format: the reader says what is wrong
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()  # reads every member, checking its CRC
+    if damaged is not None:
+        raise UsageError(f"{path} is damaged ({damaged} does not read back intact); copy it "
+                         "again or use another file")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- eval
@@ -209,16 +263,47 @@ def _add_model_options(p) -> None:
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="or any Mask R-CNN's weights (torchvision's .pth, .safetensors); "
                    "torchvision's 91-class COCO labels are COCO category ids")  # fmt: skip
-    p.add_argument("--preset", default="r50_fpn", choices=("tiny", "r50_fpn"),
-                   help="with --weights: the architecture (default r50_fpn at 800/1333 px)")
+    p.add_argument(
+        "--preset",
+        default="r50_fpn",
+        choices=("tiny", "r50_fpn"),
+        help="with --weights: the architecture (default r50_fpn at 800/1333 px)",
+    )
 
 
 def _load_model(args):
+    """The model of ``--checkpoint`` or ``--weights``, refused if its file is damaged, does not
+    fit, or holds weights that are not finite (a run that diverged); errors name the file."""
+    import numpy as np  # noqa: PLC0415
+
+    from minimask.backend import to_host  # noqa: PLC0415
     from minimask.model.checkpoint import load_model  # noqa: PLC0415
 
-    if bool(args.checkpoint) == bool(args.weights):
-        raise SystemExit(f"minimask {args.command}: give --checkpoint FILE or --weights FILE")
-    return load_model(args.checkpoint, args.weights, args.preset)
+    checkpoint, weights = args.checkpoint, getattr(args, "weights", None)  # export: no --weights
+    if bool(checkpoint) == bool(weights):
+        raise UsageError("give --checkpoint FILE or --weights FILE")
+    path = checkpoint or weights
+    _check_archive(path)
+    try:
+        model, meta = load_model(checkpoint, weights, getattr(args, "preset", "r50_fpn"))
+    except (KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        message = str(e.args[0] if e.args else type(e).__name__)
+        if path not in message:
+            message = f"{path}: {message}"
+        hint = (
+            "give a checkpoint.npz written by minimask train (other weights go with --weights)"
+            if checkpoint
+            else "give torchvision's .pth, a .safetensors or a minimask checkpoint"
+        )
+        raise UsageError(f"{message}; {hint}") from e
+    state = model.state_dict()
+    bad = [name for name, value in state.items() if not np.isfinite(to_host(value)).all()]
+    if bad:
+        raise UsageError(
+            f"{path} holds non-finite weights ({bad[0]} and {len(bad) - 1} more "
+            "arrays): it comes from a run that diverged; use an earlier checkpoint"
+        )
+    return model, meta
 
 
 def _add_eval(subparsers) -> None:
@@ -248,26 +333,29 @@ def _add_coco_options(p, split: str) -> None:
 
 def _need_root(args) -> None:
     if not args.root:
-        raise SystemExit(f"minimask {args.command}: --dataset coco needs --root DIR")
+        raise UsageError("--dataset coco needs --root DIR")
 
 
 def _run_eval(args) -> int:
-    import os  # noqa: PLC0415
-
     from minimask import workflow  # noqa: PLC0415
 
-    with _clear_errors(args):
-        model, meta = _load_model(args)
-        data = _data(args)
-        if args.checkpoint and meta.get("dataset") not in (None, args.dataset):
-            raise SystemExit(f"minimask eval: {args.checkpoint} was trained on "
-                             f"{meta.get('dataset')!r}, not {args.dataset!r}")  # fmt: skip
-        if args.checkpoint:
-            out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-        else:
-            out = args.out or "runs/eval"
-        metrics = workflow.evaluate(model, meta, data, out, args.max_images, args.batch_size,
-                                    progress=not args.no_progress)  # fmt: skip
+    _positive(args, "batch_size", "val_images", "max_images")
+    _out_folder(args.out)
+    model, meta = _load_model(args)
+    trained_on = meta.get("dataset")  # None for weights from elsewhere
+    if args.checkpoint and trained_on not in (None, args.dataset):
+        also = " --root DIR" if trained_on == "coco" else ""
+        raise UsageError(
+            f"{args.checkpoint} was trained on {trained_on!r}, not "
+            f"{args.dataset!r}: evaluate it with --dataset {trained_on}{also}"
+        )
+    data = _data(args)
+    if args.checkpoint:
+        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    else:
+        out = args.out or "runs/eval"
+    metrics = workflow.evaluate(model, meta, data, out, args.max_images, args.batch_size,
+                                progress=not args.no_progress)  # fmt: skip
     print(workflow.summary_table(metrics))
     names = ("metrics.json", "pr_curves.png", "predictions.png")
     written = [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n))]
@@ -281,7 +369,9 @@ def _add_predict(subparsers) -> None:
         "predict",
         help="detect in image files: drawn PNGs and COCO results JSON",
         description="Run a checkpoint (or any Mask R-CNN's weights) on image files. Writes "
-        "<name>_pred.png per image and detections.json with every detection as a COCO result.",
+        "<name>_pred.png per image and detections.json with every detection as a COCO result. "
+        "Two files of the same name (a.png, a.jpg) give a_pred.png and a_2_pred.png. A file "
+        "that cannot be read is skipped and named; the exit status is then 1.",
     )
     _add_model_options(p)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG...)")
@@ -293,11 +383,18 @@ def _add_predict(subparsers) -> None:
 def _run_predict(args) -> int:
     from minimask import workflow  # noqa: PLC0415
 
-    with _clear_errors(args):
-        model, meta = _load_model(args)
-        for path in workflow.predict_files(model, meta, args.images, args.out,
-                                           args.score_thresh):  # fmt: skip
-            print(path)
+    _out_folder(args.out)
+    model, meta = _load_model(args)
+    written, skipped = workflow.predict_files(model, meta, args.images, args.out,
+                                              args.score_thresh)  # fmt: skip
+    for path in written:
+        print(path)
+    for message in skipped:
+        print(f"minimask predict: skipped {message}", file=sys.stderr)
+    if skipped:
+        print(f"minimask predict: {len(skipped)} of {len(args.images)} files could not be read "
+              "(named above); the others were predicted", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -316,12 +413,10 @@ def _add_export(subparsers) -> None:
 
 
 def _run_export(args) -> int:
-    from minimask.model.checkpoint import model_from_checkpoint  # noqa: PLC0415
     from minimask.model.weights import export_weights  # noqa: PLC0415
 
-    with _clear_errors(args):
-        model, _ = model_from_checkpoint(args.checkpoint)
-        export_weights(model, args.to)
+    model, _ = _load_model(args)
+    export_weights(model, args.to)
     print(f"wrote {args.to}")
     return 0
 
@@ -351,11 +446,10 @@ def _add_data(subparsers) -> None:
 def _run_data_subset(args) -> int:
     from minimask.data.subset import build_subset  # noqa: PLC0415
 
-    if args.max_images is not None and args.max_images < 1:
-        raise SystemExit("minimask data subset: --max-images must be >= 1")
-    with _clear_errors(args):
-        build_subset(args.annotations, args.images, args.out, args.categories, args.max_images,
-                     args.min_area, args.split, progress=not args.no_progress)  # fmt: skip
+    _positive(args, "max_images")
+    _out_folder(args.out)
+    build_subset(args.annotations, args.images, args.out, args.categories, args.max_images,
+                 args.min_area, args.split, progress=not args.no_progress)  # fmt: skip
     return 0
 
 
@@ -364,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minimask", description="A from-scratch, teachable Mask R-CNN on NumPy and CuPy."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error, user errors included")  # fmt: skip
     subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
     _add_demo(subparsers)
     _add_train(subparsers)
@@ -376,6 +472,122 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, and return its exit code."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, and return its exit status.
+
+    A user error (:func:`user_error_message`) or Ctrl-C ends the command as argparse ends on a
+    bad option: the message on stderr, then :class:`CommandError`, a ``SystemExit`` with status
+    2 (130 for Ctrl-C) whose ``str()`` is the message. Bugs, and with ``--debug`` everything,
+    propagate with their traceback.
+    """
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    if args.debug:
+        return args.run(args)
+    name = "data subset" if args.command == "data" else args.command
+    try:
+        return args.run(args)
+    except KeyboardInterrupt as e:
+        message, status = f"minimask {name}: {_interrupted(args, e)}", 130
+    except Exception as e:
+        text = user_error_message(e, args)
+        if text is None:
+            raise  # a bug: its traceback is what a report of it needs
+        message, status = f"minimask {name}: {text}", 2
+    print(message, file=sys.stderr)
+    raise CommandError(message, status)
+
+
+# ---------------------------------------------------------------------------- errors
+class UsageError(Exception):
+    """Arguments that cannot work; reported, like every user error, in one line (status 2)."""
+
+
+class CommandError(SystemExit):
+    """How :func:`main` ends a command on a user error or Ctrl-C, once the message is printed:
+    ``code`` is the exit status and ``str()`` the message (for callers that catch it)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.code = status
+
+
+# Operating-system errors that come from the user's files or disk, with what to do about each.
+_OS_ERROR_HINTS = {
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "it is a file where a folder is needed: give another --out",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: give another path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.EACCES: "check its permissions, or write elsewhere (--out)",
+    errno.EPERM: "check its permissions, or write elsewhere (--out)",
+    errno.EROFS: "write elsewhere (--out)",
+    errno.ENOSPC: "free some space or write elsewhere (--out)",  # disk full
+    errno.EDQUOT: "free some space or write elsewhere (--out)",  # over the disk quota
+}
+_MAX_MESSAGE = 400  # characters: a longer message is cut in the middle (--debug shows it)
+
+
+def user_error_message(error: Exception, args) -> str | None:
+    """The line to print for ``error`` if it is a user error; None if it is a bug.
+
+    User errors: :class:`UsageError`; ``ValueError`` and its kinds (a bad annotation file,
+    image, weights file or checkpoint: ``CocoFormatError``, ``BadImageError``, ``WeightsError``);
+    a damaged zip archive; a ``KeyError`` from loading a state dict; the operating system's
+    errors about files and disks (:data:`_OS_ERROR_HINTS`); no usable GPU (``DeviceError``);
+    and a diverged training run (``NonFiniteLossError``, whose several lines are kept: the NaN
+    detective's report and the last good checkpoint).
+    """
+    from minimask.backend import DeviceError  # noqa: PLC0415
+    from minimask.train import NonFiniteLossError  # noqa: PLC0415
+
+    if isinstance(error, NonFiniteLossError):
+        return f"{error}\nlower --lr (or lengthen --warmup) and train again"
+    if isinstance(error, (zipfile.BadZipFile, zlib.error, EOFError)):
+        files = " or ".join(_inputs(args)) or "an input file"
+        return f"{files} is damaged or truncated ({error}); copy it again or use another"
+    if isinstance(error, FileNotFoundError) or (
+        isinstance(error, OSError) and error.errno in _OS_ERROR_HINTS
+    ):
+        what = error.strerror or str(error)  # minimask's own raise FileNotFoundError("...")
+        where = f": {error.filename}" if error.filename else ""
+        return f"{what}{where}; {_OS_ERROR_HINTS.get(error.errno, 'check the path')}"
+    message = " ".join(str(error.args[0] if error.args else error).split())  # one line
+    state_error = isinstance(error, KeyError) and message.startswith("load_state_dict")
+    if not (isinstance(error, (UsageError, ValueError, DeviceError)) or state_error):
+        return None
+    if state_error:  # the arrays of a model file that does not fit the model: name the file
+        message = f"{' or '.join(_inputs(args))}: {message}; is it another preset's?"
+    if len(message) > _MAX_MESSAGE:  # keep the start (what is wrong) and the end (what to do)
+        cut = len(message) - _MAX_MESSAGE
+        head, tail = message[: _MAX_MESSAGE - 100], message[-100:]
+        message = f"{head} [... {cut} characters cut: --debug shows them] {tail}"
+    if not _raised_in_minimask(error):  # NumPy's words about its own internals
+        message += " (minimask --debug shows where)"
+    return message
+
+
+def _inputs(args) -> list[str]:
+    """The model files a command reads (to name the one that turns out damaged)."""
+    files = [getattr(args, name, None) for name in ("checkpoint", "weights", "backbone_weights")]
+    if getattr(args, "resume", False):
+        files.append(os.path.join(args.out, "checkpoint.npz"))
+    return [f for f in files if f]
+
+
+def _raised_in_minimask(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is minimask's own code."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__))
+    return tb is None or os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package)
+
+
+def _interrupted(args, error: KeyboardInterrupt) -> str:
+    """The one line for Ctrl-C: what the interrupted command says it saved, and how to go on."""
+    from minimask.train import TrainingInterrupted  # noqa: PLC0415
+
+    if isinstance(error, TrainingInterrupted):  # it says what it saved and how to go on
+        return str(error)
+    said = f" ({error})" if str(error) else ""
+    if args.command == "train" and os.path.isfile(os.path.join(args.out, "checkpoint.npz")):
+        return f"interrupted{said}; --resume continues from {args.out}/checkpoint.npz"
+    return f"interrupted{said}"

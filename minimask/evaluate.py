@@ -48,13 +48,17 @@ def format_stat(value: float | None, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def encode_masks(masks: np.ndarray) -> list[dict]:
-    """(D, H, W) binary masks -> COCO RLEs with ``counts`` as str (JSON-ready)."""
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for rle in rles:
+def encode_masks(masks) -> list[dict]:
+    """(D, H, W) binary masks -> COCO RLEs with ``counts`` as str (JSON-ready).
+
+    One mask at a time: pycocotools wants column-major (H, W, 1) arrays, and copying a whole
+    stack of full-size masks at once would double its memory.
+    """
+    rles = []
+    for m in masks:
+        rle = mask_utils.encode(np.asfortranarray(np.asarray(m, dtype=np.uint8)[:, :, None]))[0]
         rle["counts"] = rle["counts"].decode("ascii")
+        rles.append(rle)
     return rles
 
 

@@ -34,6 +34,7 @@ from minimask.evaluate import (
     STAT_NAMES,
     coco_evaluate,
     detections_to_results,
+    encode_masks,
     format_stat,
     ground_truth_coco,
     save_pr_curves,
@@ -188,6 +189,10 @@ def predict_set(model: MaskRCNN, eval_set: EvalSet, category_ids, count: int | N
     the ids of the images read, the bad images skipped, and the first ``keep`` (sample,
     detection) pairs for drawing.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if count is not None and count < 1:
+        raise ValueError(f"count must be at least 1 (or None for every image), got {count}")
     model.eval()
     problems = DataProblems(f"images of {eval_set.source}")
     results, image_ids, shown = [], [], []
@@ -221,6 +226,10 @@ def evaluate(model: MaskRCNN, meta: dict, data, out_dir: str, max_images: int | 
 
     Writes to ``out_dir``: ``results_<split>.json`` (COCO results), ``metrics.json``,
     ``pr_curves.png`` (precision / recall at IoU 0.5 and 0.75) and ``predictions.png``.
+
+    Raises:
+        ValueError: no image could be read (an empty split, or every file bad); nothing is
+            written then, since metrics of no image would read as a model that finds nothing.
     """
     from minimask.visualize import save_predictions_figure  # noqa: PLC0415
 
@@ -230,6 +239,10 @@ def evaluate(model: MaskRCNN, meta: dict, data, out_dir: str, max_images: int | 
         model, eval_set, meta["category_ids"], max_images, batch_size, progress, keep=8
     )
     seconds = time.perf_counter() - start
+    if not image_ids:
+        why = "; ".join(line.strip() for line in problems.summary().splitlines()[1:])
+        raise ValueError(f"no image to evaluate: {eval_set.source} has {eval_set.count} images"
+                         + (f", none readable ({why})" if problems else ""))  # fmt: skip
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, f"results_{getattr(data, 'split', data.name)}.json")
     write_results_json(results_path, results)
@@ -274,38 +287,82 @@ def image_id_of(path: str, position: int) -> int:
     return int(stem) if stem.isdigit() else position
 
 
+def image_ids_of(paths) -> list[int]:
+    """An id per file by :func:`image_id_of`; when two would be equal (``7.png`` and ``7.jpg``,
+    or ``2.png`` and the second file of the list), every file is numbered by its position."""
+    ids = [image_id_of(path, position) for position, path in enumerate(paths, start=1)]
+    return ids if len(set(ids)) == len(ids) else list(range(1, len(ids) + 1))
+
+
+def output_names(paths) -> list[str]:
+    """A distinct name for each input file's drawing, so that none overwrites another.
+
+    The file's stem (``photos/a.png`` -> ``a``); a stem already taken by an earlier file of the
+    list gets ``_2``, ``_3``... (``a.png``, ``a.jpg`` -> ``a``, ``a_2``).
+    """
+    taken, names = set(), []
+    for path in paths:
+        stem = name = os.path.splitext(os.path.basename(path))[0]
+        copy = 1
+        while name in taken:
+            copy += 1
+            name = f"{stem}_{copy}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
 @no_grad()
 def predict_files(model: MaskRCNN, meta: dict, paths, out_dir: str, score_thresh: float = 0.5,
-                  log=print) -> list[str]:  # fmt: skip
+                  log=print) -> tuple[list[str], list[str]]:  # fmt: skip
     """Detect in each image file; draw the detections and write them all as COCO results.
 
-    Writes ``<name>_pred.png`` per image and ``detections.json``: every detection the model
-    returns (``bbox`` [x, y, w, h] in the image's pixels, ``score``, ``category_id``,
-    ``segmentation`` as RLE), with ``image_id`` and ``file_name`` naming its image. Returns the
-    written paths.
+    Writes ``<name>_pred.png`` per image (names from :func:`output_names`) and
+    ``detections.json``: every detection the model returns (``bbox`` [x, y, w, h] in the image's
+    pixels, ``score``, ``category_id``, ``segmentation`` as RLE), with ``image_id``
+    (:func:`image_ids_of`) and ``file_name`` naming its image.
+
+    A file that cannot be read (missing, not an image, truncated) is skipped and the others are
+    still predicted. Returns ``(written, skipped)``: the paths written, and one message per
+    skipped file naming it.
+
+    Raises:
+        ValueError: no file could be read; nothing is written then.
     """
-    from minimask.data.images import read_image  # noqa: PLC0415
+    from minimask.data.images import read_image_for_model, to_file_pixels  # noqa: PLC0415
     from minimask.visualize import draw_detections, new_figure  # noqa: PLC0415
 
     model.eval()
-    os.makedirs(out_dir, exist_ok=True)
-    written, results = [], []
-    for position, path in enumerate(paths, start=1):
-        image = read_image(path)  # (3, H, W) in [0, 1]; a bad file raises naming it
+    written, skipped, results = [], [], []
+    for path, image_id, name in zip(paths, image_ids_of(paths), output_names(paths)):
+        try:  # (3, H, W) in [0, 1]; a large JPEG decoded reduced, no smaller than the model needs
+            image, scale, file_size = read_image_for_model(path, model.config.max_size)
+        except BadImageError as e:
+            skipped.append(str(e))  # the message names the file
+            continue
         height, width = image.shape[1:]
         (det,) = detections_to_host(model([image]))  # the model resizes, and maps back
-        image_id = image_id_of(path, position)
-        for r in to_results(image_id, det, meta["category_ids"]):
+        # In the file's pixels, one mask at a time: D full-size masks of a large photo at once
+        # would take D·H·W bytes (about 5 GB for 100 detections on 8000×6000).
+        boxes = to_file_pixels({k: v for k, v in det.items() if k != "masks"}, scale, file_size)
+        for r, m in zip(to_results(image_id, boxes, meta["category_ids"]), det["masks"]):
+            full = to_file_pixels({"boxes": boxes["boxes"][:1], "masks": m[None]}, scale,
+                                  file_size)["masks"]  # fmt: skip
+            r["segmentation"] = encode_masks(full)[0]
             results.append({**r, "file_name": os.path.basename(path)})
         fig = new_figure((6, 6 * height / width))
         ax = fig.add_subplot()
         kept = int((det["scores"] >= score_thresh).sum())
         draw_detections(ax, image, det, meta["classes"], score_thresh,
                         title=f"{os.path.basename(path)}: {kept} detections")  # fmt: skip
-        target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_pred.png")
+        target = os.path.join(out_dir, name + "_pred.png")
+        os.makedirs(out_dir, exist_ok=True)  # with the first drawing: none when no file reads
         fig.tight_layout()
         fig.savefig(target, dpi=110)
         written.append(target)
+    if not written:
+        raise ValueError(f"none of the {len(skipped)} image files could be read: "
+                         + "; ".join(skipped))  # fmt: skip
     results_path = os.path.join(out_dir, "detections.json")
     write_results_json(results_path, results)
-    return [*written, results_path]
+    return [*written, results_path], skipped

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from minimask.cli import main
@@ -50,27 +49,3 @@ def test_train_resume_eval_predict(tmp_path, capsys):
                  "--out", str(pred), "--score-thresh", "0.0"]) == 0  # fmt: skip
     drawn = Image.open(pred / "photo_pred.png")
     assert drawn.size[0] > 100 and drawn.format == "PNG"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--iterations", "1", "--batch-size", "1", "--warmup", "1",
-                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
-    return str(out / "checkpoint.npz")
-
-
-def test_predict_names_a_bad_image_file(checkpoint, tmp_path):
-    good = tmp_path / "photo.png"
-    image = make_sample(0, 0)["image"].transpose(1, 2, 0)
-    Image.fromarray((image * 255).astype(np.uint8)).save(good)
-    corrupt = tmp_path / "notes.png"
-    corrupt.write_text("not an image")
-    pred = tmp_path / "pred"
-    for bad in (corrupt, tmp_path / "missing.png"):
-        with pytest.raises(SystemExit) as info:
-            main(["predict", "--checkpoint", checkpoint, str(good), str(bad), "--out", str(pred)])
-        message = info.value.code  # a str: Python prints it alone, and the exit status is 1
-        assert isinstance(message, str) and "\n" not in message
-        assert message.startswith("minimask predict: ") and str(bad) in message
-    assert (pred / "photo_pred.png").exists()  # the files before the bad one were drawn

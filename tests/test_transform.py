@@ -171,12 +171,19 @@ def test_paste_masks_matches_torchvision_with_non_trivial_masks():
         ({"boxes": np.array([[np.nan, 5, 8, 9]])}, r"not finite"),
         ({"boxes": np.array([[0, 0, np.inf, 9]])}, r"not finite"),
         ({"labels": np.array([0])}, r"labels must be in 1\.\.3"),
+        ({"labels": np.array([-1])}, r"holds \[-1\]: labels must be in 1\.\.3"),
         ({"labels": np.array([4])}, r"labels must be in 1\.\.3"),
         ({"labels": np.array([1, 2])}, r"different counts"),
         ({"masks": np.zeros((1, 10, 10), np.uint8)}, r"\['masks'\] are \(10, 10\) but image 0"),
         ({"masks": np.zeros((2, 32, 32), np.uint8)}, r"different counts"),
+        ({"masks": None}, r"targets\[0\] has no 'masks': Mask R-CNN trains on"),
+        ({"labels": None}, r"targets\[0\] has no 'labels'"),
+        ({"boxes": np.array([[1.0, 1, 9, 9], [40, 2, 50, 9]]), "labels": np.array([1, 2]),
+          "masks": np.ones((2, 32, 32), np.uint8)},
+         r"\['boxes'\]\[1\] = \[40\. +2\. +50\. +9\.\] lies wholly outside image 0 \(32x32\)"),
+        ({"boxes": np.array([[-9.0, -9, -1, -1]])}, r"\['boxes'\]\[0\] .* wholly outside"),
     ],
-)
+)  # fmt: skip
 def test_bad_targets_are_refused_where_they_enter_the_model(change, message):
     init.manual_seed(0)
     model = MaskRCNN(tiny().replace(min_size=32, max_size=32))
@@ -185,6 +192,40 @@ def test_bad_targets_are_refused_where_they_enter_the_model(change, message):
               "masks": np.ones((1, 32, 32), np.uint8), **change}  # fmt: skip
     with pytest.raises(ValueError, match=message):
         model([image], [target])
+
+
+def test_a_box_partly_outside_its_image_is_kept():
+    """Only a box with no point on the image is refused: one that overhangs an edge trains."""
+    init.manual_seed(0)
+    model = MaskRCNN(tiny().replace(min_size=32, max_size=32))
+    target = {"boxes": np.array([[-5.0, 20, 9, 40]]), "labels": np.array([1]),
+              "masks": np.ones((1, 32, 32), np.uint8)}  # fmt: skip
+    losses = model([np.zeros((3, 32, 32), np.float32)], [target])
+    assert all(np.isfinite(float(v.item())) for v in losses.values())
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ([], r"no images"),
+        ([np.full((3, 32, 32), 200, np.uint8)], r"image 0 is uint8: images are float RGB in "
+                                                 r"\[0, 1\] \(divide 8-bit pixels by 255\)"),
+        ([np.zeros((3, 32, 32), np.float32), np.full((3, 8, 8), 255.0, np.float32)],
+         r"image 1 has values in \[255, 255\]: images are RGB in \[0, 1\]"),
+        ([np.full((3, 8, 8), -2.1, np.float32)], r"image 0 has values in \[-2\.1, -2\.1\]"),
+        ([np.full((3, 8, 8), np.nan, np.float32)], r"image 0 has values in \[nan, nan\]"),
+        ([np.zeros((32, 32, 3), np.float32)], r"image 0 has shape \(32, 32, 3\)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("training", [False, True])
+def test_bad_images_are_refused_where_they_enter_the_model(images, message, training):
+    init.manual_seed(0)
+    model = MaskRCNN(tiny().replace(min_size=32, max_size=32))
+    model.train(training)
+    box = {"boxes": np.array([[1.0, 1, 5, 5]]), "labels": np.array([1])}
+    targets = [{**box, "masks": np.ones((1, *np.shape(im)[-2:]), np.uint8)} for im in images]
+    with pytest.raises(ValueError, match=message):
+        model(images, targets if training else None)
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -160,3 +160,25 @@ def test_export_command_writes_what_torch_loads(trained, tmp_path):
     model, _ = model_from_checkpoint(str(trained / "run" / "checkpoint.npz"))
     np.testing.assert_array_equal(state["backbone.body.conv1.weight"].numpy(),
                                   model.state_dict()["backbone.stem.0.weight"])  # fmt: skip
+
+
+def test_predict_on_a_large_jpeg_answers_in_the_files_pixels(trained, tmp_path):
+    """A JPEG far larger than the model's size is decoded reduced; the results are still in the
+    file's pixels, each mask at the file's full size."""
+    image = make_sample(2, 0, ShapesConfig(image_size=80))["image"].transpose(1, 2, 0)
+    big = Image.fromarray((image * 255).astype(np.uint8)).resize((1200, 900))
+    big.save(tmp_path / "big.jpg", quality=95)
+    out = tmp_path / "pred"
+    main(["predict", "--checkpoint", str(trained / "run" / "checkpoint.npz"),
+          str(tmp_path / "big.jpg"), "--out", str(out), "--score-thresh", "0"])  # fmt: skip
+    results = json.loads((out / "detections.json").read_text())
+    assert results
+    for r in results:
+        assert r["segmentation"]["size"] == [900, 1200]
+        x, y, w, h = r["bbox"]
+        assert 0 <= x <= x + w <= 1200 and 0 <= y <= y + h <= 900
+        mask = mask_utils.decode(r["segmentation"])
+        if mask.any():  # the mask lies around its box, in the same (file) pixels
+            ys, xs = np.nonzero(mask)
+            assert xs.min() >= x - 20 and xs.max() <= x + w + 20
+    assert (out / "big_pred.png").exists()

@@ -27,6 +27,8 @@ D detections; M the mask head's output size (28). Boxes are (x1, y1, x2, y2) in 
 
 from __future__ import annotations
 
+import numpy as np
+
 from minimask.backend import get_array_module, to_host
 from minimask.engine import Tensor
 from minimask.engine.ops import sigmoid
@@ -179,35 +181,73 @@ def paste_masks(probs, boxes, image_size: tuple[int, int], threshold: float | No
 def check_target(target: dict, index: int, image_size: tuple[int, int], num_classes: int):
     """Refuse a training target that would train on garbage, with a message naming it.
 
-    Checks: boxes (G, 4) finite and not reversed (:func:`minimask.ops.boxes.check_boxes`); as
-    many labels (and masks) as boxes; labels in 1..K-1; masks the size of their image.
+    Checks: ``boxes``, ``labels`` and ``masks`` are all given (Mask R-CNN trains its mask head on
+    the masks); boxes (G, 4) finite and not reversed (:func:`minimask.ops.boxes.check_boxes`),
+    each touching its image; as many labels (and masks) as boxes; labels in 1..K-1; masks the
+    size of their image.
     """
+    for key in ("boxes", "labels", "masks"):
+        if target.get(key) is None:
+            raise ValueError(
+                f"targets[{index}] has no {key!r}: Mask R-CNN trains on boxes (G, 4), labels (G,) "
+                "and masks (G, H, W), one per instance"
+            )
     xp = get_array_module(target["boxes"])
     boxes = xp.asarray(target["boxes"]).reshape(-1, 4)
     check_boxes(boxes, f"targets[{index}]['boxes']")
-    labels = target.get("labels")
-    counts = {"boxes": len(boxes)}
-    if labels is not None:
-        counts["labels"] = len(labels)
-        labels = to_host(labels)
-        bad = (labels < 1) | (labels >= num_classes)
-        if bad.any():
-            raise ValueError(
-                f"targets[{index}]['labels'] holds {labels[bad][:5].tolist()}: labels must be in "
-                f"1..{num_classes - 1} (0 is the background, num_classes={num_classes})"
-            )
-    if target.get("masks") is not None:
-        masks = target["masks"]
-        counts["masks"] = len(masks)
-        if tuple(masks.shape[-2:]) != tuple(image_size):
-            raise ValueError(
-                f"targets[{index}]['masks'] are {tuple(masks.shape[-2:])} but image {index} is "
-                f"{tuple(image_size)} (masks are given at the image's own size)"
-            )
+    height, width = image_size
+    outside = (boxes[:, 2] < 0) | (boxes[:, 3] < 0) | (boxes[:, 0] > width) | (boxes[:, 1] > height)
+    if bool(outside.any()):
+        row = int(xp.argmax(outside))  # the first one
+        raise ValueError(
+            f"targets[{index}]['boxes'][{row}] = {to_host(boxes[row])} lies wholly outside image "
+            f"{index} ({height}x{width}): boxes are (x1, y1, x2, y2) in the image's own pixels"
+        )
+    labels = to_host(target["labels"])
+    masks = target["masks"]
+    counts = {"boxes": len(boxes), "labels": len(labels), "masks": len(masks)}
+    bad = (labels < 1) | (labels >= num_classes)
+    if bad.any():
+        raise ValueError(
+            f"targets[{index}]['labels'] holds {labels[bad][:5].tolist()}: labels must be in "
+            f"1..{num_classes - 1} (0 is the background, num_classes={num_classes})"
+        )
+    if tuple(masks.shape[-2:]) != tuple(image_size):
+        raise ValueError(
+            f"targets[{index}]['masks'] are {tuple(masks.shape[-2:])} but image {index} is "
+            f"{tuple(image_size)} (masks are given at the image's own size)"
+        )
     if target.get("is_crowd") is not None:
         counts["is_crowd"] = len(target["is_crowd"])
     if len(set(counts.values())) > 1:
         raise ValueError(f"targets[{index}] has different counts per key: {counts}")
+
+
+VALUE_SLACK = 0.5  # how far outside [0, 1] an input image may stray before it is refused
+
+
+def check_image(image, index: int) -> None:
+    """Refuse an input image the model would misread: it must be a (3, H, W) float RGB array
+    with values in [0, 1] (the model normalises it with the config's mean and std itself).
+
+    The value check allows some slack (:data:`VALUE_SLACK`) for images resampled by the caller,
+    and catches the usual slips: 0..255 pixels, or an image normalised before it was given.
+    """
+    if getattr(image, "ndim", 0) != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"image {index} has shape {getattr(image, 'shape', None)}; expected (3, H, W) RGB"
+        )
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(
+            f"image {index} is {image.dtype}: images are float RGB in [0, 1] "
+            "(divide 8-bit pixels by 255)"
+        )
+    low, high = float(image.min()), float(image.max())
+    if not (-VALUE_SLACK <= low and high <= 1 + VALUE_SLACK):  # also refuses NaN
+        raise ValueError(
+            f"image {index} has values in [{low:g}, {high:g}]: images are RGB in [0, 1] "
+            "(divide 8-bit pixels by 255; do not normalise them, the model does)"
+        )
 
 
 # ---------------------------------------------------------------------------- the transform
@@ -238,11 +278,10 @@ class ImageTransform:
         resized, image_sizes, original_sizes = [], [], []
         mean = xp.asarray(c.image_mean, dtype=dtype).reshape(3, 1, 1)
         std = xp.asarray(c.image_std, dtype=dtype).reshape(3, 1, 1)
+        if len(images) == 0:
+            raise ValueError("no images: give a list of (3, H, W) RGB arrays in [0, 1]")
         for i, image in enumerate(images):
-            if getattr(image, "ndim", 0) != 3 or image.shape[0] != 3:
-                raise ValueError(
-                    f"image {i} has shape {getattr(image, 'shape', None)}; expected (3, H, W) RGB"
-                )
+            check_image(image, i)
             height, width = (int(s) for s in image.shape[1:])
             size = resized_size(height, width, c.min_size, c.max_size)
             image = (xp.asarray(image, dtype=dtype) - mean) / std  # normalise, then resize

@@ -266,12 +266,16 @@ class Module:
 def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez(path, **arrays)`` through a temporary file and ``os.replace`` (atomic).
 
-    ``path`` is used as given (NumPy's silent ``.npz`` suffix is not added).
+    ``path`` is used as given (NumPy's silent ``.npz`` suffix is not added). The file gets the
+    mode of any new file (0644 under the usual umask 022), not ``mkstemp``'s private 0600.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
     try:
+        umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
