@@ -124,8 +124,26 @@ def scatter_add(target, index, values) -> None:
         cupyx.scatter_add(target, index, values)
 
 
-def rng(seed: int | None = None, xp: ModuleType = np):
-    """A seeded random generator of ``xp``'s kind (``numpy.random.Generator`` or CuPy's)."""
+def rng(seed=None, xp: ModuleType = np):
+    """A seeded random generator of ``xp``'s kind (``numpy.random.Generator`` or CuPy's).
+
+    The one policy for every random draw of the model (the samplers): the generator lives on the
+    device of the arrays it draws for, so no random numbers cross between host and GPU, and it is
+    seeded by ``seed``, an integer or a tuple such as ``(run seed, iteration)``, so a resumed
+    run draws the same numbers as an uninterrupted one on either device. CuPy's generators take
+    one integer: a tuple becomes one through NumPy's ``SeedSequence``, deterministically.
+    (The two devices draw different streams from the same seed: exact resume holds on each.)
+    """
     if xp is np:
         return np.random.default_rng(seed)
+    if isinstance(seed, (tuple, list)):
+        seed = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 1)
     return xp.random.default_rng(seed)
+
+
+def check_device(device: str | None = None) -> str:
+    """``device`` (or ``MINIMASK_DEVICE``'s, or ``cpu``) as ``"cpu"``/``"gpu"``, after checking
+    that it can be used: the one place every command asks (see :func:`get_xp` for the errors)."""
+    name = default_device() if device is None else str(device).strip().lower()
+    get_xp(name)
+    return name

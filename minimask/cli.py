@@ -82,6 +82,7 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--val-images", type=int, default=d.val_images, help="validation images")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data, samplers")
     p.add_argument("--out", default="runs/demo", help="output folder")
+    _add_device(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(run=_run_demo)
 
@@ -90,15 +91,33 @@ def _run_demo(args) -> int:
     from minimask.shapes_demo import DemoConfig, run_demo  # noqa: PLC0415
 
     _positive(args, "iterations", "batch_size", "val_images")
+    device = _device(args)
     _out_folder(args.out)
     config = DemoConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
         val_images=args.val_images,
         seed=args.seed,
+        device=device,
     )
     run_demo(config, args.out, progress=not args.no_progress)
     return 0
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", default=None, metavar="cpu|gpu",
+                   help="where the model runs (default: $MINIMASK_DEVICE, else cpu); gpu needs "
+                   "CuPy (pip install -e .[gpu]) and a CUDA device")  # fmt: skip
+
+
+def _device(args) -> str:
+    """The checked device of ``--device`` (refused at once, in one line, when unusable)."""
+    from minimask.backend import DeviceError, check_device  # noqa: PLC0415
+
+    try:
+        return check_device(args.device)
+    except DeviceError as e:
+        raise UsageError(f"--device: {e}") from e
 
 
 def _positive(args, *names) -> None:
@@ -166,6 +185,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an OUT that already holds one (its files are "
                    "replaced)")  # fmt: skip
+    _add_device(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_train)
 
@@ -187,6 +207,7 @@ def _run_train(args) -> int:
     from minimask.train import TrainConfig  # noqa: PLC0415
 
     _check_train_arguments(args)
+    device = _device(args)
     milestones = args.milestones if args.milestones is not None else [int(0.8 * args.iterations)]
     config = TrainConfig(
         iterations=args.iterations,
@@ -202,7 +223,7 @@ def _run_train(args) -> int:
                    resume=args.resume, weights=args.weights,
                    backbone_weights=args.backbone_weights, min_size=args.min_size,
                    max_size=args.max_size, progress=not args.no_progress,
-                   overwrite=args.overwrite)  # fmt: skip
+                   overwrite=args.overwrite, device=device)  # fmt: skip
     print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, {args.out}/loss_curve.png")
     return 0
 
@@ -318,6 +339,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--out", default=None,
                    help="folder for metrics, results and plots (default: beside the "
                    "checkpoint, or runs/eval)")  # fmt: skip
+    _add_device(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_run_eval)
 
@@ -340,8 +362,10 @@ def _run_eval(args) -> int:
     from minimask import workflow  # noqa: PLC0415
 
     _positive(args, "batch_size", "val_images", "max_images")
+    device = _device(args)
     _out_folder(args.out)
     model, meta = _load_model(args)
+    model.to(device)
     trained_on = meta.get("dataset")  # None for weights from elsewhere
     if args.checkpoint and trained_on not in (None, args.dataset):
         also = " --root DIR" if trained_on == "coco" else ""
@@ -377,14 +401,17 @@ def _add_predict(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG...)")
     p.add_argument("--out", default="runs/predict", help="folder for the drawings and JSON")
     p.add_argument("--score-thresh", type=float, default=0.5, help="drawing threshold")
+    _add_device(p)
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args) -> int:
     from minimask import workflow  # noqa: PLC0415
 
+    device = _device(args)
     _out_folder(args.out)
     model, meta = _load_model(args)
+    model.to(device)
     written, skipped = workflow.predict_files(model, meta, args.images, args.out,
                                               args.score_thresh)  # fmt: skip
     for path in written:

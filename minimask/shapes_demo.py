@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from minimask import workflow
+from minimask.backend import check_device
 from minimask.train import TrainConfig
 
 
@@ -28,6 +29,7 @@ class DemoConfig:
     warmup_iters: int = 100  # linear warm-up
     val_images: int = 100  # size of the fixed validation split
     seed: int = 0  # seeds the weights, the data stream and the samplers
+    device: str | None = None  # "cpu" or "gpu"; None: MINIMASK_DEVICE, else the CPU
 
 
 def run_demo(config: DemoConfig = DemoConfig(), out_dir: str = "runs/demo",
@@ -41,12 +43,14 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str = "runs/demo",
         checkpoint_every=max(config.iterations // 5, 1),
         seed=config.seed,
     )
+    device = check_device(config.device).upper()
     log(f"minimask demo: Mask R-CNN (tiny preset) on synthetic shapes, {config.iterations} "
-        f"iterations of {config.batch_size} images, CPU; writing to {out_dir}/")  # fmt: skip
+        f"iterations of {config.batch_size} images, {device}; writing to {out_dir}/")  # fmt: skip
     start = time.perf_counter()
     data = workflow.ShapesData(config.val_images, config.seed)
     model = workflow.train(data, "tiny", train, config.batch_size, out_dir, progress=progress,
-                           log=lambda line: None, overwrite=True)  # the demo starts afresh
+                           log=lambda line: None, overwrite=True,  # the demo starts afresh
+                           device=config.device)  # fmt: skip
     train_seconds = time.perf_counter() - start
     metrics = workflow.evaluate(model, data.meta(), data, out_dir, batch_size=4,
                                 progress=progress, log=lambda line: None)  # fmt: skip

@@ -48,7 +48,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from minimask.backend import rng
+import numpy as np
+
+from minimask.backend import get_array_module, rng
 from minimask.engine import AnomalyError, detect_anomaly
 from minimask.model.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from minimask.nn import SGD, AdamW, Module, WarmupMultiStepSchedule, clip_grad_norm
@@ -183,12 +185,14 @@ def fit(
             os.remove(path)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    xp = get_array_module(next(iter(model.parameters())).data)  # the model's device
     records = []
     bar = _progress(range(start, config.iterations), progress, start, config.iterations)
     model.train()
     with _interruptible() as interrupt:
         for i in bar:
-            records.append(_step(model, optimizer, schedule, params, get_batch, config, i, ckpt))
+            records.append(_step(model, optimizer, schedule, params, get_batch, config, i, ckpt,
+                                 xp))  # fmt: skip
             with open(log_path, "a") as f:
                 f.write(json.dumps(records[-1]) + "\n")
             if hasattr(bar, "set_postfix"):
@@ -207,23 +211,23 @@ def fit(
     return records
 
 
-def _step(model, optimizer, schedule, params, get_batch, config, i, ckpt) -> dict:
+def _step(model, optimizer, schedule, params, get_batch, config, i, ckpt, xp) -> dict:
     """One iteration (the module docstring's five lines); returns its log record."""
     lr = schedule(i)
     optimizer.set_lr(lr)
-    images, targets = get_batch(i)
-    model.rng = rng((config.seed, i))
+    images, targets = get_batch(i)  # host arrays: the model's transform uploads them
+    model.rng = rng((config.seed, i), xp)  # on the model's device (backend.rng's policy)
     losses = model(images, targets)
     total = total_loss(losses)
-    values = {k: float(v.item()) for k, v in losses.items()}
+    values = {k: float(v.item()) for k, v in losses.items()}  # the step's one sync: the log
     if not math.isfinite(float(total.item())):
-        _explain_nan(model, images, targets, config.seed, i, values, ckpt)
+        _explain_nan(model, images, targets, config.seed, i, values, ckpt, xp)
     optimizer.zero_grad()
     total.backward()
     # clip_norm 0 turns clipping off (an infinite bound), not the check of the norm below
     grad_norm = clip_grad_norm(params, config.clip_norm or math.inf)
     if not math.isfinite(grad_norm):
-        _explain_nan(model, images, targets, config.seed, i, values, ckpt)
+        _explain_nan(model, images, targets, config.seed, i, values, ckpt, xp)
     optimizer.step()
     return {"iteration": i + 1, "lr": lr, "total": sum(values.values()), **values}
 
@@ -328,12 +332,12 @@ def _truncate_log(path: str, iteration: int) -> None:
         f.writelines(keep)
 
 
-def _explain_nan(model, images, targets, seed, i, values, ckpt) -> None:
+def _explain_nan(model, images, targets, seed, i, values, ckpt, xp=np) -> None:
     """Re-run step ``i`` under the NaN detective and raise with where the NaN arose."""
     where = "the detective found no non-finite op on re-running the step"
     try:
         with detect_anomaly():
-            model.rng = rng((seed, i))
+            model.rng = rng((seed, i), xp)
             total_loss(model(images, targets)).backward()
     except AnomalyError as e:
         where = str(e)

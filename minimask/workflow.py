@@ -27,6 +27,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from minimask.backend import check_device
 from minimask.data.coco import BadImageError, CocoBatches, CocoDataset, DataProblems
 from minimask.data.shapes import CLASSES, ShapesDataset, shapes_batches
 from minimask.engine import no_grad
@@ -149,14 +150,17 @@ class CocoData:
 def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
           resume: bool = False, weights: str | None = None, backbone_weights: str | None = None,
           min_size: int | None = None, max_size: int | None = None, progress: bool = True,
-          log=print, overwrite: bool = False) -> MaskRCNN:  # fmt: skip
+          log=print, overwrite: bool = False, device: str | None = None) -> MaskRCNN:  # fmt: skip
     """Train ``preset`` on ``data`` (an adapter above) with :func:`minimask.train.fit`.
 
     ``resume`` continues the run in ``out_dir``; ``overwrite`` replaces it; with neither, a
     folder that already holds a run is refused (:class:`minimask.train.RunExistsError`).
+    ``device`` (``"cpu"``/``"gpu"``, default ``MINIMASK_DEVICE``) is where the model trains;
+    batches stay on the host until the model's transform uploads them.
     """
     model_config = data.model_config(preset, min_size, max_size, bool(weights or backbone_weights))
     model = build_model(model_config, config.seed, weights, backbone_weights, log)
+    model.to(check_device(device))  # before fit builds the optimizer: its state goes there too
     meta = {"preset": preset, "batch_size": batch_size, "model_config": asdict(model_config),
             "weights": weights, "backbone_weights": backbone_weights, **data.meta()}  # fmt: skip
     c = model_config
