@@ -81,28 +81,63 @@ def get_xp(device: str | None = None) -> ModuleType:
     return cp
 
 
+# The CPU stand-in for CuPy that the tests run the GPU path on (minimask.testing.strict): its
+# arrays refuse implicit conversion to NumPy, as CuPy's do. Its device name is "strict".
+_STRICT_MODULE = "minimask.testing.strict"
+STRICT_DEVICE = "strict"
+
+
+def _strict_xp() -> ModuleType:
+    from minimask.testing import strict  # noqa: PLC0415 - only for arrays made by the tests
+
+    return strict.xp
+
+
+def _on_device(x) -> bool:
+    """True for an array that lives off the host: CuPy's, or the stand-in's."""
+    module = type(x).__module__
+    return module.startswith("cupy") or module == _STRICT_MODULE
+
+
 def get_array_module(*arrays) -> ModuleType:
-    """numpy, or cupy when any argument is a CuPy array. Non-arrays are ignored."""
+    """numpy, or cupy when any argument is a CuPy array (the stand-in's module for its arrays).
+    Non-arrays are ignored."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
+        module = type(a).__module__
+        if module.startswith("cupy"):
             return _import_cupy()
+        if module == _STRICT_MODULE:
+            return _strict_xp()
     return np
 
 
+def is_cupy(xp) -> bool:
+    """True when the array module ``xp`` is CuPy itself: the test before launching a CUDA kernel
+    (the CPU stand-in takes the array-form path that every module has)."""
+    return getattr(xp, "__name__", None) == "cupy"
+
+
 def device_of(x) -> str:
-    """``"gpu"`` for a CuPy array, ``"cpu"`` otherwise."""
+    """``"gpu"`` for a CuPy array, ``"strict"`` for the stand-in's, ``"cpu"`` otherwise."""
+    if type(x).__module__ == _STRICT_MODULE:
+        return STRICT_DEVICE
     return "gpu" if get_array_module(x) is not np else "cpu"
 
 
 def to_host(x) -> np.ndarray:
-    """A NumPy copy (or view) of ``x``, wherever it lives."""
-    if type(x).__module__.startswith("cupy"):
+    """A NumPy copy (or view) of ``x``, wherever it lives: the explicit way off the device."""
+    if _on_device(x):
         return x.get()
     return np.asarray(x)
 
 
 def to_device(x, device: str | None = None):
-    """``x`` as an array of ``device``'s library (a no-op when it already is)."""
+    """``x`` as an array of ``device``'s library (a no-op when it already is).
+
+    ``device="strict"`` is the CPU stand-in for the GPU (:mod:`minimask.testing.strict`).
+    """
+    if device is not None and str(device).strip().lower() == STRICT_DEVICE:
+        return _strict_xp().asarray(x)
     xp = get_xp(device)
     if xp is np:
         return to_host(x)
@@ -118,6 +153,8 @@ def scatter_add(target, index, values) -> None:
     xp = get_array_module(target)
     if xp is np:
         np.add.at(target, index, values)
+    elif not is_cupy(xp):  # the CPU stand-in brings its own, as CuPy brings cupyx's
+        xp.scatter_add(target, index, values)
     else:
         import cupyx  # noqa: PLC0415 - only with CuPy
 

@@ -14,7 +14,9 @@ Boxes are (x1, y1, x2, y2) in pixels of the padded batch.
 
 from __future__ import annotations
 
-from minimask.backend import get_array_module, rng
+import numpy as np
+
+from minimask.backend import get_array_module, rng, to_host
 from minimask.engine import Tensor, concatenate, no_grad
 from minimask.model.config import MaskRCNNConfig
 from minimask.nn import Conv2d, Module, init
@@ -89,7 +91,10 @@ class RPN(Module):
             [xp.full(len(a), i, dtype=xp.int64) for i, a in enumerate(levels)]
         )  # (T,)
         logits, deltas = self.head(features)  # (N, T), (N, T, 4)
-        proposals = self._proposals(logits.data, deltas.data, anchors, level_of, image_sizes)
+        level_sizes = [len(a) for a in levels]  # known here: _proposals needs no sync for them
+        proposals = self._proposals(
+            logits.data, deltas.data, anchors, level_of, image_sizes, level_sizes
+        )
         losses = {}
         if targets is not None:
             losses = self._loss(logits, deltas, anchors, targets)
@@ -97,16 +102,23 @@ class RPN(Module):
 
     # ------------------------------------------------------------------ proposals
     @no_grad()
-    def _proposals(self, logits, deltas, anchors, level_of, image_sizes):
-        """Decode, keep the top-k per level, clip, drop tiny boxes, NMS per level, keep top-N."""
+    def _proposals(self, logits, deltas, anchors, level_of, image_sizes, level_sizes=None):
+        """Decode, keep the top-k per level, clip, drop tiny boxes, NMS per level, keep top-N.
+
+        ``level_of`` (T,) is the level of each anchor, levels one after another; ``level_sizes``
+        the number of anchors of each level (read from ``level_of`` when not given).
+        """
         c, xp = self.config, get_array_module(logits)
         pre = c.rpn_pre_nms_top_n_train if self.training else c.rpn_pre_nms_top_n_test
         post = c.rpn_post_nms_top_n_train if self.training else c.rpn_post_nms_top_n_test
         n = logits.shape[0]
+        if level_sizes is None:
+            level_sizes = np.bincount(to_host(level_of)).tolist()
         # Top-k per level and image, all images at once: (N, K) candidate anchor indices.
-        candidates = []
-        for level in range(int(level_of.max()) + 1):
-            idx = xp.flatnonzero(level_of == level)  # (T_l,)
+        candidates, start = [], 0
+        for size in level_sizes:
+            idx = xp.arange(start, start + size)  # (T_l,) the anchors of this level
+            start += size
             if pre < idx.size:
                 part = xp.argpartition(-logits[:, idx], pre - 1, axis=1)[:, :pre]  # (N, pre)
             else:

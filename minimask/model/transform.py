@@ -96,9 +96,11 @@ def resize_masks(masks, size: tuple[int, int]):
 
 def resize_boxes(boxes, from_size: tuple[int, int], to_size: tuple[int, int]):
     """(G, 4) boxes of a ``from_size`` image -> the same boxes on a ``to_size`` image."""
-    xp = get_array_module(boxes)
     ry, rx = (to_size[0] / from_size[0]), (to_size[1] / from_size[1])
-    return boxes * xp.asarray([rx, ry, rx, ry], dtype=boxes.dtype)
+    resized = boxes.copy()
+    resized[..., 0::2] *= rx  # x1, x2 (in the boxes' dtype)
+    resized[..., 1::2] *= ry  # y1, y2
+    return resized
 
 
 # ---------------------------------------------------------------------------- mask pasting
@@ -302,13 +304,19 @@ class ImageTransform:
         return Tensor(batch), image_sizes, original_sizes, targets
 
     def resize_target(self, target: dict, index: int, original_size, size, xp, dtype) -> dict:
-        """Check ``target`` and move its boxes and masks to the resized image (a new dict)."""
+        """Check ``target`` and move its boxes and masks to the resized image (a new dict).
+
+        Everything the heads read is uploaded here, once per image, to the model's device.
+        """
         check_target(target, index, original_size, self.config.num_classes)
         out = dict(target)
         boxes = xp.asarray(target["boxes"], dtype=dtype).reshape(-1, 4)
         out["boxes"] = resize_boxes(boxes, original_size, size)
+        out["labels"] = xp.asarray(target["labels"]).astype(np.int64)
         if target.get("masks") is not None:
             out["masks"] = resize_masks(xp.asarray(target["masks"]), size)
+        if target.get("is_crowd") is not None:
+            out["is_crowd"] = xp.asarray(target["is_crowd"], dtype=bool)
         return out
 
     def postprocess(self, detections, image_sizes, original_sizes):

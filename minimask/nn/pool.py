@@ -86,8 +86,8 @@ def max_pool2d_backward(grad_out, saved: MaxPoolSaved):
         + (xp.arange(Ho).reshape(1, Ho, 1) * sh - ph) * W
         + (xp.arange(Wo).reshape(1, 1, Wo) * sw - pw)
     )  # (N*C, Ho, Wo)
-    taps = np.arange(kh * kw)
-    tap_offset = xp.asarray((taps // kw) * W + taps % kw)  # (kh*kw,): tap (i, j) is i*W + j
+    taps = xp.arange(kh * kw)
+    tap_offset = (taps // kw) * W + taps % kw  # (kh*kw,): tap (i, j) is i*W + j
     winners = corner + tap_offset[saved.winner.reshape(N * C, Ho, Wo)]
     grad = xp.zeros((N, C, H, W), dtype=grad_out.dtype)
     # Overlapping windows may share a winner, so add every window's gradient (no assignment).
@@ -97,26 +97,28 @@ def max_pool2d_backward(grad_out, saved: MaxPoolSaved):
 
 # ---------------------------------------------------------------------------- nearest upsampling
 class UpsampleSaved(NamedTuple):
-    rows: np.ndarray  # (Ho,) source row of each output row
-    cols: np.ndarray  # (Wo,) source column of each output column
+    rows: object  # (Ho,) source row of each output row, on x's device
+    cols: object  # (Wo,) source column of each output column
     x_shape: tuple
+    scales: tuple  # the scale factors given, or (None, None)
 
 
-def nearest_source_index(in_size: int, out_size: int, scale_factor: float | None = None):
+def nearest_source_index(in_size: int, out_size: int, scale_factor: float | None = None, xp=np):
     """Source index of each output index, exactly as torch's ``mode="nearest"``.
 
     ``src = min(floor(dst * scale), in_size - 1)`` with ``scale = 1 / scale_factor`` when a scale
     factor was given, else ``in_size / out_size``, computed in float32 like torch's CPU kernel (so
-    that the rounding, and hence the chosen pixel, is identical). Returns (out_size,) int64.
+    that the rounding, and hence the chosen pixel, is identical). Returns (out_size,) int64, made
+    by ``xp`` where it is used (on a device: no index map built on the host and uploaded).
     """
     if out_size == in_size:
-        return np.arange(out_size)
+        return xp.arange(out_size)
     if scale_factor is not None and scale_factor > 0:
         scale = np.float32(1.0 / scale_factor)
     else:
         scale = np.float32(in_size) / np.float32(out_size)
-    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(src, in_size - 1)
+    src = xp.floor(xp.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return xp.minimum(src, in_size - 1)
 
 
 def upsample_nearest_forward(x, size=None, scale_factor=None):
@@ -140,29 +142,33 @@ def upsample_nearest_forward(x, size=None, scale_factor=None):
         Ho, Wo = math.floor(H * scales[0]), math.floor(W * scales[1])
     if Ho < 1 or Wo < 1:
         raise ValueError(f"upsample_nearest: {H}x{W} resized to {Ho}x{Wo} is empty")
-    rows = nearest_source_index(H, Ho, scales[0])
-    cols = nearest_source_index(W, Wo, scales[1])
+    rows = nearest_source_index(H, Ho, scales[0], xp)
+    cols = nearest_source_index(W, Wo, scales[1], xp)
     # Columns first: gathering along the last axis is the slow one, so do it on fewer rows.
-    out = x.take(xp.asarray(cols), axis=3).take(xp.asarray(rows), axis=2)  # (N, C, Ho, Wo)
-    return out, UpsampleSaved(rows, cols, x.shape)
+    out = x.take(cols, axis=3).take(rows, axis=2)  # (N, C, Ho, Wo)
+    return out, UpsampleSaved(rows, cols, x.shape, scales)
 
 
-def _sum_by_source(g, source: np.ndarray, size: int, axis: int):
+def _sum_by_source(g, source, size: int, axis: int, scale_factor: float | None):
     """``out[..., k, ...] = sum of g[..., o, ...] over the o with source[o] == k``, along ``axis``.
 
     ``source`` is sorted, so the outputs of one source index are consecutive; the loop runs over
     the largest number of copies of one pixel (2 for a 2x upsample), not over pixels.
     """
     xp = get_array_module(g)
-    copies = np.bincount(source, minlength=size)  # (size,) how many outputs each source made
-    first = np.cumsum(copies) - copies
+    # How many outputs each source made is shape logic: the host works it out from the sizes
+    # alone (the same map, made by NumPy) to know the loop's length. The indices stay on g's
+    # device: where each source's outputs start and stop.
+    copies = np.bincount(nearest_source_index(size, len(source), scale_factor), minlength=size)
+    cells = xp.arange(size)
+    first, stop = xp.searchsorted(source, cells), xp.searchsorted(source, cells, side="right")
     shape = [1] * g.ndim
     shape[axis] = size
     total = 0
     for k in range(int(copies.max())):  # the k-th copy of every source pixel at once
-        picked = g.take(xp.asarray(np.minimum(first + k, len(source) - 1)), axis=axis)
+        picked = g.take(xp.minimum(first + k, len(source) - 1), axis=axis)
         if not (copies > k).all():  # some sources have fewer than k + 1 copies: mask them out
-            picked = picked * xp.asarray(copies > k).reshape(shape)
+            picked = picked * (first + k < stop).reshape(shape)
         total = total + picked
     return total
 
@@ -171,8 +177,9 @@ def upsample_nearest_backward(grad_out, saved: UpsampleSaved):
     """Gradient of :func:`upsample_nearest_forward`: each input pixel receives the sum of the
     gradients of the output pixels copied from it. Returns grad_x (N, C, H, W)."""
     H, W = saved.x_shape[2:]
-    grad = _sum_by_source(grad_out, saved.rows, H, axis=2)  # (N, C, H, Wo): rows first, as above
-    return _sum_by_source(grad, saved.cols, W, axis=3)  # (N, C, H, W)
+    scale_h, scale_w = saved.scales
+    grad = _sum_by_source(grad_out, saved.rows, H, 2, scale_h)  # (N, C, H, Wo): rows first
+    return _sum_by_source(grad, saved.cols, W, 3, scale_w)  # (N, C, H, W)
 
 
 # ---------------------------------------------------------------------------- engine ops

@@ -135,7 +135,7 @@ class Matcher:
             best_per_gt = quality.max(axis=1, keepdims=True)  # (G, 1)
             is_best = (quality == best_per_gt) & (best_per_gt > 0)  # (G, N)
             promoted = is_best.any(axis=0)  # (N,)
-            matches[promoted] = best_gt[promoted]
+            matches = xp.where(promoted, best_gt, matches)  # (no mask gather: no size to read)
         return matches
 
     def match_boxes(self, gt_boxes, anchors, is_crowd=None):

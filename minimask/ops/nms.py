@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimask.backend import get_array_module
+from minimask.backend import get_array_module, is_cupy
 
 BLOCK = 128  # boxes per block: bounds step 2's iterations; speed is flat from 64 to 256
 MAX_PAIRS = 1 << 22  # largest (kept, rest) matrix evaluated at once, to bound memory
@@ -96,20 +96,19 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float):
     if n == 0:
         return xp.zeros(0, dtype=xp.int64)
 
-    if xp is np:
-        order = np.argsort(-scores, kind="stable")  # (N,) best first; ties keep input order
-    else:
-        order = xp.argsort(-scores)  # CuPy's sort is always stable
-    nan = xp.isnan(scores)
-    if bool(nan.any()):  # NaN first, in input order, as torch sorts them (module docstring)
-        order = xp.concatenate([xp.flatnonzero(nan), order[~nan[order]]])
+    order = xp.argsort(-scores, kind="stable")  # (N,) best first; ties keep input order
+    # NaN first, in input order, as torch sorts them (module docstring). The sort put them last,
+    # in input order; a stable sort on "is a number" moves them to the front, without asking the
+    # host whether there are any (a sync on a device).
+    is_number = (~xp.isnan(scores[order])).astype(np.int8)  # (N,) 0 for NaN, 1 for a number
+    order = order[xp.argsort(is_number, kind="stable")]
     sorted_boxes = xp.ascontiguousarray(boxes[order])  # (N, 4)
     classes = None if idxs is None else idxs[order]  # (N,)
     bound = _suppression_bound(iou_threshold, boxes.dtype)
-    if xp is np:
-        keep = _greedy_blocks(sorted_boxes, classes, bound)
-    else:
+    if is_cupy(xp):  # the kernel needs real CuPy; NumPy and the CPU stand-in take the xp path
         keep = _greedy_cuda(sorted_boxes, classes, bound)
+    else:
+        keep = _greedy_blocks(sorted_boxes, classes, bound)
     return order[keep].astype(xp.int64)
 
 

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from minimask.backend import get_array_module
+from minimask.backend import get_array_module, to_host
 from minimask.engine.tensor import Function, Tensor
 from minimask.ops.roi_align import as_pair, roi_align_backward, roi_align_forward
 
@@ -74,12 +74,18 @@ class MultiScaleRoIAlignFn(Function):
         C = levels[0].shape[1]
         PH, PW = as_pair(output_size)
         out = xp.zeros((rois.shape[0], C, PH, PW), dtype=levels[0].dtype)
+        # Which RoIs each level pools: how many is shape logic the host needs, so read the levels
+        # in one explicit download (one sync, not one per level) and upload their order once.
+        level_host = to_host(level_of)
+        order = np.argsort(level_host, kind="stable")  # (K,) the RoIs level by level
+        bounds = np.searchsorted(level_host[order], np.arange(len(levels) + 1))
+        order_on_device = xp.asarray(order)
         self.parts = []  # per level: (which RoIs, what its backward needs), or None
         for fmap, scale, k in zip(levels, scales, range(len(levels))):  # a few levels
-            index = xp.flatnonzero(level_of == k)
-            if index.size == 0:
+            if bounds[k] == bounds[k + 1]:
                 self.parts.append(None)
                 continue
+            index = order_on_device[bounds[k] : bounds[k + 1]]  # (K_k,) this level's RoIs
             pooled, saved = roi_align_forward(
                 fmap, rois[index], (PH, PW), scale, sampling_ratio, aligned
             )

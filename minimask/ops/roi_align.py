@@ -104,12 +104,13 @@ def check_rois(rois, num_images: int):
     """Assert that ``rois`` is a (K, 5) array of ``[n, x1, y1, x2, y2]`` rows with valid ``n``."""
     if rois.ndim != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois must have shape (K, 5) as [n, x1, y1, x2, y2], got {rois.shape}")
-    if rois.shape[0] and (bool((rois[:, 0] < 0).any()) or bool((rois[:, 0] >= num_images).any())):
+    # One sync on a device: a wrong index would silently pool another image, so it is worth it.
+    if rois.shape[0] and bool(((rois[:, 0] < 0) | (rois[:, 0] >= num_images)).any()):
         raise ValueError(f"rois[:, 0] must be image indices in [0, {num_images})")
     return rois
 
 
-def axis_weights(start, bin_size, grid, out_size: int, size: int):
+def axis_weights(start, bin_size, grid, out_size: int, size: int, samples: int | None = None):
     """The (K, P, size) matrix that averages the bilinear samples of each bin along one axis.
 
     ``A[k, p, i]`` is the weight that bin ``p`` of RoI ``k`` gives to map row (or column) ``i``:
@@ -123,11 +124,13 @@ def axis_weights(start, bin_size, grid, out_size: int, size: int):
         grid: (K,) integer samples per bin; ``<= 0`` gives an all-zero row.
         out_size: P, the number of bins.
         size: the map length along this axis (H or W).
+        samples: ``grid.max()`` when the caller knows it (a fixed sampling ratio); None reads
+            it from ``grid`` (a sync on a device).
     """
     xp = get_array_module(start)
     dtype = start.dtype
     K = start.shape[0]
-    G = max(int(grid.max()), 1) if K else 1
+    G = max(int(grid.max()) if samples is None else samples, 1) if K else 1
     p = xp.arange(out_size, dtype=dtype)[None, :, None]  # (1, P, 1)
     g = xp.arange(G, dtype=dtype)[None, None, :]  # (1, 1, G)
     start, bin_size = start[:, None, None], bin_size[:, None, None]  # (K, 1, 1)
@@ -145,7 +148,10 @@ def axis_weights(start, bin_size, grid, out_size: int, size: int):
     base = (xp.arange(K)[:, None, None] * out_size + xp.arange(out_size)[None, :, None]) * size
     index = xp.concatenate([(base + low).ravel(), (base + high).ravel()])
     values = xp.concatenate([(weight * (1 - frac)).ravel(), (weight * frac).ravel()])
-    A = xp.bincount(index, weights=values, minlength=K * out_size * size)
+    # Sum the terms that land on one cell, in float64 (as bincount would, which on a device
+    # reads the largest index on the host: a sync that scatter-add into a known size avoids).
+    A = xp.zeros(K * out_size * size, dtype=np.float64)
+    scatter_add(A, index, values.astype(np.float64))
     return A.reshape(K, out_size, size).astype(dtype, copy=False)
 
 
@@ -164,11 +170,15 @@ def roi_weights(rois, output_size, spatial_scale, sampling_ratio, aligned, shape
         roi_w, roi_h = xp.maximum(roi_w, 1), xp.maximum(roi_h, 1)
     if sampling_ratio > 0:
         grid_h = grid_w = xp.full(rois.shape[0], sampling_ratio, dtype=np.int64)
+        samples_h = samples_w = sampling_ratio
     else:  # adaptive: about one sample per cell
         grid_h = xp.ceil(roi_h / PH).astype(np.int64)
         grid_w = xp.ceil(roi_w / PW).astype(np.int64)
-    Ay = axis_weights(y1, roi_h / PH, grid_h, PH, H)
-    Ax = axis_weights(x1, roi_w / PW, grid_w, PW, W)
+        samples_h = samples_w = None
+        if rois.shape[0]:  # the arrays' sizes: both largest grids in one read (one sync)
+            samples_h, samples_w = to_host(xp.stack([grid_h.max(), grid_w.max()])).tolist()
+    Ay = axis_weights(y1, roi_h / PH, grid_h, PH, H, samples_h)
+    Ax = axis_weights(x1, roi_w / PW, grid_w, PW, W, samples_w)
     return Ay, Ax
 
 
@@ -224,39 +234,43 @@ def plan_blocks(ay_all, ax_all, image_of, num_images: int, channels: int) -> lis
     PH, W = ay_all.shape[1], ax_all.shape[2]
     size = BLOCK_ROIS if xp is np else BLOCK_ROIS_GPU
     largest = MAX_PRODUCT if xp is np else math.inf
+    hit_y, y_first, y_last, y_count = touched(ay_all)  # (K, H), then (K,) each
+    hit_x, x_first, x_last, x_count = touched(ax_all)
+    # The plan is shape logic: which RoIs go together, and the sizes of their windows, which
+    # the host needs to slice and shape the arrays. So read the few integers it needs of every
+    # RoI in one explicit download (one sync per call, not one per image or block), plan on the
+    # host, and upload the order of the RoIs once.
+    facts = to_host(xp.stack([image_of, y_first, y_last, y_count, x_first, x_last, x_count], 1))
+    image, y_first, y_last, y_count, x_first, x_last, x_count = facts.T  # (K,) each, on the host
+    extent = np.maximum(y_last - y_first, x_last - x_first) + 1
+    size_class = np.floor(np.log2(extent)).astype(np.int64)
+    centre = z_order((y_first + y_last) // 2, (x_first + x_last) // 2)
+    key = image << 48 | size_class << 32 | centre  # by image, then size, then along the Z curve
+    order = np.argsort(key, kind="stable")
+    order_on_device = xp.asarray(order)
+    bounds = np.searchsorted(image[order], np.arange(num_images + 1))
     blocks = []
     for n in range(num_images):  # a handful of images
-        index = xp.flatnonzero(image_of == n)
-        if index.size == 0:
-            continue
-        ay_n, ax_n = ay_all[index], ax_all[index]
-        hit_y, y_first, y_last, y_count = touched(ay_n)
-        hit_x, x_first, x_last, x_count = touched(ax_n)
-        extent = xp.maximum(y_last - y_first, x_last - x_first) + 1
-        size_class = xp.floor(xp.log2(extent)).astype(np.int64)
-        centre = z_order((y_first + y_last) // 2, (x_first + x_last) // 2)
-        order = xp.argsort(size_class << 32 | centre)  # by size, then along the Z curve
-        # every block's windows at once: pad the order to whole blocks with its last RoI
-        blocked = xp.concatenate([order, order[-1:].repeat(-order.size % size)]).reshape(-1, size)
-        union = [y_first[blocked].min(1), y_last[blocked].max(1) + 1]  # shared window
-        union += [x_first[blocked].min(1), x_last[blocked].max(1) + 1]
-        crops = [y_count[blocked].max(1), x_count[blocked].max(1)]  # own windows' size
-        plans = to_host(xp.stack(union + crops, axis=1)).tolist()  # (blocks, 6)
-        for i, (y0, y1, x0, x1, h, w) in enumerate(plans):
-            part = order[i * size : (i + 1) * size]
+        for start in range(bounds[n], bounds[n + 1], size):
+            stop = min(start + size, bounds[n + 1])
+            part = order[start:stop]  # (k,) this block's RoIs, on the host...
+            index = order_on_device[start:stop]  # ...and on the device
+            y0, y1 = int(y_first[part].min()), int(y_last[part].max()) + 1  # shared window
+            x0, x1 = int(x_first[part].min()), int(x_last[part].max()) + 1
+            h, w = int(y_count[part].max()), int(x_count[part].max())  # own windows' size
             shared_cost = PH * (y1 - y0) * (x1 - x0)  # multiply-adds per RoI and channel
             own_cost = h * w * (OWN_VALUE_COST + PH + OWN_INDEX_COST / channels)
             few_calls = channels <= 4 or shared_cost * part.size <= largest  # see MAX_PRODUCT
             if shared_cost <= own_cost and few_calls:
                 rows, cols = slice(y0, y1), slice(x0, x1)
-                ay, ax = ay_n[part, :, rows], ax_n[part, :, cols]  # (k, PH, h), (k, PW, w)
-                blocks.append(_Block(n, index[part], ay, ax, rows=rows, cols=cols))
+                ay, ax = ay_all[index, :, rows], ax_all[index, :, cols]  # (k, PH, h), (k, PW, w)
+                blocks.append(_Block(n, index, ay, ax, rows=rows, cols=cols))
             else:  # each RoI's own crop: the rows and columns its samples touch
-                rows, cols = _first_touched(hit_y[part], h), _first_touched(hit_x[part], w)
-                ay = xp.take_along_axis(ay_n[part], rows[:, None, :], axis=2)  # (k, PH, h)
-                ax = xp.take_along_axis(ax_n[part], cols[:, None, :], axis=2)  # (k, PW, w)
+                rows, cols = _first_touched(hit_y[index], h), _first_touched(hit_x[index], w)
+                ay = xp.take_along_axis(ay_all[index], rows[:, None, :], axis=2)  # (k, PH, h)
+                ax = xp.take_along_axis(ax_all[index], cols[:, None, :], axis=2)  # (k, PW, w)
                 cells = cols[:, :, None] + rows[:, None, :] * W  # (k, w, h), column by column
-                blocks.append(_Block(n, index[part], ay, ax, cells=cells))
+                blocks.append(_Block(n, index, ay, ax, cells=cells))
     return blocks
 
 
@@ -375,6 +389,7 @@ def _only_weighted_terms(linear, values, blocks):
     """
     xp = get_array_module(values)
     finite = xp.isfinite(values)
+    # One sync per call on a device, which pays: the masked path below costs four passes.
     if bool(finite.all()):  # no 0 * NaN can arise: the plain products are the definition
         return linear(values, blocks)
     result = linear(xp.where(finite, values, 0), blocks)  # the sum of the finite terms

@@ -181,22 +181,27 @@ def roi_pool_forward(features, rois, output_size, spatial_scale: float = 1.0):
     empty = (y1 <= y0) | (x1 <= x0)  # (K, PH, PW)
     a = _floor_log2(xp.maximum(y1 - y0, 1))  # (K, PH, 1) table level along y
     b = _floor_log2(xp.maximum(x1 - x0, 1))  # (K, 1, PW)
-    levels_y, levels_x = int(a.max()) + 1, int(b.max()) + 1
+    # Work on the RoIs sorted by image, so that each block of RoIs is a slice of the outputs.
+    image_of = rois[:, 0].astype(np.int64)
+    order = xp.argsort(image_of, kind="stable")
+    bounds = xp.searchsorted(image_of[order], xp.arange(N + 1))
+    # The loops below need a few integers on the host: the table's levels, where each image's
+    # RoIs start, whether the RoIs come out of order and whether any bin is empty. One explicit
+    # download reads them all (one sync per call, instead of one for each).
+    flags = [a.max() + 1, b.max() + 1, (order != xp.arange(K)).any(), empty.any()]
+    facts = to_host(xp.concatenate([xp.stack(flags).astype(np.int64), bounds])).tolist()
+    levels_y, levels_x, shuffled, any_empty, bounds = *facts[:4], facts[4:]
     # the four blocks that cover each bin, as rows of the table seen as (levels*H*W, C)
     top, bottom, left, right = y0, y1 - 2**a, x0, x1 - 2**b
     level = a * levels_x + b  # (K, PH, PW)
     corners = [(level * H + y) * W + x for y in (top, bottom) for x in (left, right)]
     lookup = xp.where(empty, 0, xp.stack(corners))  # (4, K, PH, PW); empty bins: any valid row
-    # Work on the RoIs sorted by image, so that each block of RoIs is a slice of the outputs.
-    image_of = rois[:, 0].astype(np.int64)
-    order = xp.argsort(image_of, kind="stable")
-    bounds = to_host(xp.searchsorted(image_of[order], xp.arange(N + 1)))
     lookup = lookup[:, order]
     flat_features = features.reshape(-1)
     in_range = {"mode": "clip"} if xp is np else {}  # NumPy: skip the bounds check, cell is valid
     block = max(1, (BLOCK_OUTPUTS if xp is np else BLOCK_OUTPUTS_GPU) // (C * PH * PW))  # RoIs
     for n in range(N):  # a handful of images
-        first, last = int(bounds[n]), int(bounds[n + 1])  # this image's RoIs, in sorted order
+        first, last = bounds[n], bounds[n + 1]  # this image's RoIs, in sorted order
         if first == last:
             continue
         keys, bits = scan_keys(features[n])
@@ -211,10 +216,10 @@ def roi_pool_forward(features, rois, output_size, spatial_scale: float = 1.0):
             xp.bitwise_and(key.transpose(0, 3, 1, 2), (1 << bits) - 1, out=cell)
             cell += first_cell  # now a flat index into the input
             xp.take(flat_features, cell, out=out[part], **in_range)
-    if bool((order != xp.arange(K)).any()):  # back to the order of rois
+    if shuffled:  # back to the order of rois
         inverse = xp.argsort(order)
         out, argmax = out[inverse], argmax[inverse]
-    if bool(empty.any()):  # empty bins (after clipping) give 0 and pass no gradient
+    if any_empty:  # empty bins (after clipping) give 0 and pass no gradient
         out.transpose(0, 2, 3, 1)[empty] = 0
         argmax.transpose(0, 2, 3, 1)[empty] = -1
     return out, RoIPoolSaved(features.shape, argmax)

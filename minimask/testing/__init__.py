@@ -1,0 +1,1 @@
+"""Tools for testing minimask itself: :mod:`minimask.testing.strict`, a CPU stand-in for CuPy."""
