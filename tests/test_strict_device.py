@@ -642,13 +642,6 @@ def test_one_inference_stays_on_the_device():
     assert log.uploads <= INFERENCE_UPLOADS, log.summary()
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="fit gives the samplers a NumPy generator (rng((seed, i))): their random keys are "
-    "host arrays, mixed into device ops. Remove this mark once the trainer's generator lives on "
-    "the model's device.",
-)
 def test_the_trainers_own_step_stays_on_the_device(tmp_path):
     _, model = _model_pair()
     config = train.TrainConfig(iterations=1, warmup_iters=0)
@@ -661,5 +654,20 @@ def test_the_trainers_own_step_stays_on_the_device(tmp_path):
     optimizer, schedule = train.make_optimizer(model, config), train.make_schedule(config)
     model.train()
     with strict.counting() as log:
-        train._step(model, optimizer, schedule, params, get_batch, config, 0, str(tmp_path))
+        train._step(
+            model, optimizer, schedule, params, get_batch, config, 0, str(tmp_path), strict.xp
+        )  # the trainer's generator lives on the model's device
     assert log.refused == 0
+
+
+def test_fit_runs_on_the_device_with_no_implicit_conversion(tmp_path):
+    """The whole loop: fit picks the generator of the model's device, and its checkpoint is an
+    explicit download."""
+    _, model = _model_pair()
+    samples = [make_sample(0, i, SHAPES) for i in range(2)]
+    config = train.TrainConfig(iterations=2, warmup_iters=0, checkpoint_every=1)
+    with strict.counting() as log:
+        train.fit(model, lambda i: ([s["image"] for s in samples], samples), config,
+                  str(tmp_path), progress=False)  # fmt: skip
+    assert log.refused == 0
+    assert (tmp_path / "checkpoint.npz").exists()
