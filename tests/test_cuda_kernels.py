@@ -17,6 +17,7 @@ The same comparisons (:func:`check_roi_align`, :func:`check_roi_pool`) run on bo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -297,6 +298,7 @@ def emulation_library():
     if compiler is None:
         return None
     folder = tempfile.mkdtemp(prefix="minimask-kernels-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # once loaded, the file can go
     source = os.path.join(folder, "kernels.cpp")
     with open(source, "w") as f:
         f.write(EMULATION_PRELUDE + cuda_kernels.CUDA_SOURCE + EMULATION_LAUNCHERS)
