@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint lessons bench clean
+.PHONY: demo test lint lessons bench gpu-check clean
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,22 @@ lessons: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) -m minimask.bench conv
 	$(PY) -m minimask.bench ops
+
+# On a machine with an NVIDIA GPU: install the gpu extra, then run the GPU tests, the GPU
+# benchmark and a timed 300-iteration COCO-mini training, into one report,
+# runs/gpu-check/report.md (docs/benchmarks.md, "GPU"). A Python that already has CuPy and CUDA
+# torch can skip the install: `make gpu-check GPU_PYTHON=python3`.
+GPU_PYTHON ?=
+COCO_MINI ?= ../shared/data/coco-mini
+
+$(VENV)/.gpu: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[gpu,dev,reference]'
+	touch $(VENV)/.runtime $(VENV)/.dev $@
+
+gpu-check: $(if $(GPU_PYTHON),,$(VENV)/.gpu)
+	$(or $(GPU_PYTHON),$(PY)) -m minimask.bench.gpu_check --coco-root $(COCO_MINI)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,4 +1,4 @@
-"""``python -m minimask.bench {conv,ops,parity,train} [--repeat N]``: print one benchmark table."""
+"""``python -m minimask.bench {conv,gpu,ops,parity,train} [--repeat N]``: print benchmark tables."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ SUITES = {
     "ops": "minimask.bench.ops",  # roi_align, roi_pool and nms against torchvision
     "train": "minimask.bench.train",  # tiny Mask R-CNN vs torchvision's: speed, memory, AP
     "parity": "minimask.bench.parity",  # R50-FPN vs torchvision's, stage by stage, same weights
+    "gpu": "minimask.bench.gpu",  # minimask on CuPy vs torch on CUDA: ops, train steps, memory
 }
 
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from minimask.backend import get_array_module, scatter_add, to_host
 from minimask.engine.tensor import Function, Tensor
+from minimask.ops import cuda_kernels
 from minimask.ops.roi_align import as_pair, check_rois
 
 # Outputs (RoIs × C × PH × PW) computed together: enough that the Python loop over blocks of RoIs
@@ -172,6 +173,10 @@ def roi_pool_forward(features, rois, output_size, spatial_scale: float = 1.0):
     if K == 0 or H == 0 or W == 0:
         out = xp.zeros((K, C, PH, PW), dtype=features.dtype)
         return out, RoIPoolSaved(features.shape, xp.full(out.shape, -1, dtype=np.int32))
+    if cuda_kernels.use_kernel(features):  # CuPy: the CUDA kernel, the same semantics in one
+        # pass (no sparse table, no host sync)
+        out, argmax = cuda_kernels.roi_pool_forward(features, rois, output_size, spatial_scale)
+        return out, RoIPoolSaved(features.shape, argmax)
     index_dtype = np.int32 if features.size < 2**31 else np.int64  # int32 as torchvision
     out = xp.empty((K, C, PH, PW), dtype=features.dtype)  # every RoI is written below
     argmax = xp.empty((K, C, PH, PW), dtype=index_dtype)
@@ -235,6 +240,8 @@ def roi_pool_backward(grad_out, saved: RoIPoolSaved):
     Returns:
         (N, C, H, W), zero except at cells that were a max of some bin.
     """
+    if cuda_kernels.use_kernel(grad_out):  # CuPy: the CUDA kernel's atomic adds
+        return cuda_kernels.roi_pool_backward(grad_out, saved.argmax, saved.shape)
     xp = get_array_module(grad_out)
     # One slot more than the input: the -1 of an empty bin indexes it, and it is then dropped.
     grad = xp.zeros(math.prod(saved.shape) + 1, dtype=grad_out.dtype)
