@@ -7,7 +7,6 @@ for the model, and the memory ``read_image`` needs.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from test_coco import ann, crowd_rle, rect, write_coco
-from test_coco_bad_input import images_of
+from test_coco_bad_input import assert_evaluation_skips, images_of
 
 import minimask
 from minimask.cli import main
@@ -31,9 +30,6 @@ from minimask.data.coco import (
     rle_string_runs,
 )
 from minimask.data.images import read_image, read_image_for_model, to_file_pixels
-from minimask.model.mask_rcnn import MaskRCNN
-from minimask.nn import init
-from minimask.workflow import CocoData, coco_model_config, evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -73,15 +69,7 @@ def test_an_image_over_the_pixel_limit_is_a_counted_skip_naming_it(tmp_path, mon
         assert "2.png (image id 2)" in summary and "3.png (image id 3)" in summary
 
     # Evaluation scores the image it can read and counts the other two.
-    init.manual_seed(0)
-    model = MaskRCNN(coco_model_config("tiny", 2, 32, 64))
-    logged = []
-    meta = {"classes": ds.classes, "category_ids": ds.category_ids.tolist()}
-    evaluate(model, meta, CocoData(str(tmp_path), "val2017"), str(tmp_path / "eval"),
-             progress=False, log=logged.append)  # fmt: skip
-    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert record["images"] == 1 and record["skipped"] == 2
-    assert any("2 x bad image skipped" in line for line in logged)
+    assert_evaluation_skips(tmp_path, ds, read=1, skipped=2)
 
 
 @pytest.fixture(scope="module")

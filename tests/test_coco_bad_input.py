@@ -153,15 +153,21 @@ def test_missing_unreadable_truncated_and_resized_images(tmp_path):
     assert ".png (image id" in summary or ".jpg (image id" in summary
 
     # Evaluation: the bad images are skipped and counted; the metrics cover the rest.
+    assert_evaluation_skips(tmp_path, ds, read=1, skipped=4)
+
+
+def assert_evaluation_skips(root, ds, read: int, skipped: int) -> None:
+    """Evaluate an untrained tiny model on ROOT/val2017: ``read`` images scored, ``skipped``
+    bad ones counted in metrics.json and named in the log."""
     init.manual_seed(0)
     model = MaskRCNN(coco_model_config("tiny", 2, 32, 64))
     logged = []
     meta = {"classes": ds.classes, "category_ids": ds.category_ids.tolist()}
-    evaluate(model, meta, CocoData(str(tmp_path), "val2017"), str(tmp_path / "eval"),
-             progress=False, log=logged.append)  # fmt: skip
-    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert record["images"] == 1 and record["skipped"] == 4
-    assert any("4 x bad image skipped" in line for line in logged)
+    evaluate(model, meta, CocoData(str(root), "val2017"), str(root / "eval"), progress=False,
+             log=logged.append)  # fmt: skip
+    record = json.loads((root / "eval" / "metrics.json").read_text())
+    assert record["images"] == read and record["skipped"] == skipped
+    assert any(f"{skipped} x bad image skipped" in line for line in logged)
 
 
 def test_every_pixel_format_converts_to_rgb_in_0_1(tmp_path):
