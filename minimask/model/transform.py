@@ -33,6 +33,7 @@ from minimask.backend import get_array_module, to_host
 from minimask.engine import Tensor
 from minimask.engine.ops import sigmoid
 from minimask.model.config import MaskRCNNConfig
+from minimask.nn.pool import nearest_source_index
 from minimask.ops.boxes import check_boxes
 
 
@@ -79,18 +80,14 @@ def resize_image(image, size: tuple[int, int]):
     return rows[:, :, low] * (1 - frac) + rows[:, :, high] * frac  # (C, h, w)
 
 
-def nearest_indices(src: int, dst: int, xp):
-    """(dst,) source index of each destination pixel: ``floor(j · src/dst)`` (torch's "nearest")."""
-    return xp.minimum(xp.floor(xp.arange(dst) * (src / dst)).astype(xp.int64), src - 1)
-
-
 def resize_masks(masks, size: tuple[int, int]):
     """(G, H, W) binary -> (G, h, w), each pixel the nearest source pixel (stays binary)."""
     xp = get_array_module(masks)
     (h, w), (height, width) = size, masks.shape[-2:]
     if (h, w) == (height, width):
         return masks
-    rows, cols = nearest_indices(height, h, xp), nearest_indices(width, w, xp)
+    # torch's "nearest": source pixel floor(j · H/h), the rule of nn.pool's upsampling
+    rows, cols = nearest_source_index(height, h, xp=xp), nearest_source_index(width, w, xp=xp)
     return masks[:, rows][:, :, cols]  # (G, h, W) -> (G, h, w)
 
 
