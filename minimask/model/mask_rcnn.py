@@ -77,19 +77,37 @@ class MaskRCNN(Module):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         x, sizes, original_sizes, targets = self.preprocess(images, targets)
         padded = tuple(x.shape[-2:])
-        features = self.fpn(self.backbone(x))  # [P2, P3, P4, P5, P6]
-        pooled_levels = features[:4]  # the heads pool from P2..P5
+        rpn_features, head_features = self.features(x)
         if self.training:
-            proposals, losses = self.rpn(features, sizes, padded, targets)
-            box_losses, sampled = self.roi_heads(pooled_levels, proposals, sizes, padded, targets)
-            losses.update(box_losses)
-            losses["loss_mask"] = self.mask_head.loss(pooled_levels, sampled, targets, padded)
+            proposals, losses = self.rpn(rpn_features, sizes, padded, targets)
+            losses.update(self.detector_losses(head_features, proposals, sizes, padded, targets))
             return losses
-        proposals, _ = self.rpn(features, sizes, padded)
-        detections, _ = self.roi_heads(pooled_levels, proposals, sizes, padded)
-        self.mask_head.predict(pooled_levels, detections, padded)
+        proposals, _ = self.rpn(rpn_features, sizes, padded)
+        detections = self.detect(head_features, proposals, sizes, padded)
         return self.transform.postprocess(detections, sizes, original_sizes)
 
+    # The three seams below split the model where the slides' 4-step training splits it: the
+    # shared features, the RPN (``self.rpn``), and the detector (box and mask heads) on given
+    # proposals.
+    def features(self, x):
+        """The backbone on a preprocessed batch: ``(rpn_features, head_features)``.
+
+        FPN: the RPN sees [P2..P6] and the heads pool from [P2..P5].
+        """
+        features = self.fpn(self.backbone(x))  # [P2, P3, P4, P5, P6]
+        return features, features[:4]
+
+    def detector_losses(self, features, proposals, sizes, padded, targets) -> dict:
+        """The box and mask heads' losses on ``proposals`` (N arrays (P_i, 4), padded pixels)."""
+        losses, sampled = self.roi_heads(features, proposals, sizes, padded, targets)
+        losses["loss_mask"] = self.mask_head.loss(features, sampled, targets, padded)
+        return losses
+
+    def detect(self, features, proposals, sizes, padded) -> list[dict]:
+        """Detections at the resized sizes: boxes, scores, labels and 28×28 ``mask_logits``."""
+        detections, _ = self.roi_heads(features, proposals, sizes, padded)
+        self.mask_head.predict(features, detections, padded)
+        return detections
 
 def detections_to_host(detections) -> list[dict]:
     """Detections as NumPy arrays (copied from the GPU when needed)."""
