@@ -109,6 +109,7 @@ class MaskRCNN(Module):
         self.mask_head.predict(features, detections, padded)
         return detections
 
+
 def detections_to_host(detections) -> list[dict]:
     """Detections as NumPy arrays (copied from the GPU when needed)."""
     return [{k: np.asarray(to_host(v)) for k, v in d.items()} for d in detections]
