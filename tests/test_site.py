@@ -273,7 +273,7 @@ def _chromium() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def browser(server):
+def browser():
     webdriver = pytest.importorskip("selenium.webdriver", reason=f"selenium {DOCS_EXTRA}")
     binary, driver_path = _chromium()
     options = webdriver.ChromeOptions()
