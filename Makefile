@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint lessons bench gpu-check clean
+.PHONY: demo test lint lessons bench gpu-check docs serve browser clean
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,8 @@ $(VENV)/.runtime: pyproject.toml
 $(VENV)/.dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,reference]'
-	touch $(VENV)/.runtime $@
+	$(PY) -m pip install --quiet -e '.[dev,reference,docs]'
+	touch $(VENV)/.runtime $(VENV)/.docs $@
 
 demo: $(VENV)/.runtime
 	$(PY) -m minimask demo
@@ -54,5 +54,30 @@ $(VENV)/.gpu: pyproject.toml
 gpu-check: $(if $(GPU_PYTHON),,$(VENV)/.gpu)
 	$(or $(GPU_PYTHON),$(PY)) -m minimask.bench.gpu_check --coco-root $(COCO_MINI)
 
+# The course website (docs/site.md): `make docs` builds docs/ and lessons/ into site/ without the
+# network; `make serve` previews it at http://127.0.0.1:8000 and rebuilds on every edit. `docs`
+# also installs Chromium and its driver (Debian's packages; needs root) for tests/test_site.py.
+$(VENV)/.docs: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(VENV)/.runtime $@
+
+docs: $(VENV)/.docs browser
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build
+	@echo "built site/: open site/index.html, or run make serve"
+
+serve: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium and chromium-driver are missing: tests/test_site.py will skip its browser checks"; \
+	fi
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs site .pytest_cache .hypothesis
