@@ -7,6 +7,7 @@ Commands:
     predict          detect in image files: drawings and COCO results JSON
     export           write a checkpoint in torchvision's names (.pth, .safetensors)
     data subset      write a smaller COCO dataset in the official layout
+    data import      convert labelme, VIA or mask-folder annotations to the COCO layout
     classifier-demo  the foundation's tiny CNN classifier on synthetic shapes
 
 Each command is a pair of plain functions, ``_add_<name>(subparsers)`` to declare its options and
@@ -450,7 +451,7 @@ def _run_export(args) -> int:
 
 # ---------------------------------------------------------------------------- data
 def _add_data(subparsers) -> None:
-    p = subparsers.add_parser("data", help="dataset tools (subset)")
+    p = subparsers.add_parser("data", help="dataset tools (subset, import)")
     tools = p.add_subparsers(dest="tool", metavar="tool", required=True)
     s = tools.add_parser(
         "subset",
@@ -468,6 +469,35 @@ def _add_data(subparsers) -> None:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(run=_run_data_subset)
+    i = tools.add_parser(
+        "import",
+        help="convert labelme, VIA or mask-folder annotations to the COCO layout",
+        description="Convert your own annotations into OUT/annotations/instances_<split>.json "
+        "plus copies of the images in OUT/<split>/, ready for minimask train --dataset coco "
+        "--root OUT. Formats: labelme (a folder of labelme .json files), via (a VGG Image "
+        "Annotator 1.x/2.x .json export, the images beside it), masks (SRC/images/<stem>.png "
+        "and SRC/masks/<stem>/<instance>_<category>.png, one PNG per instance). "
+        "See docs/coco.md, 'Your own data'.",
+    )
+    i.add_argument("--from", dest="source_format", required=True,
+                   choices=("labelme", "via", "masks"), help="the source's format")  # fmt: skip
+    i.add_argument("src", metavar="SRC", help="the source folder (or file: labelme, via)")
+    i.add_argument("--out", required=True, help="output folder")
+    i.add_argument("--split", default="train2017",
+                   help="split name (default train2017, what minimask train reads; import a "
+                   "validation set with --split val2017 and the same --categories)")  # fmt: skip
+    i.add_argument("--categories", default=None,
+                   help="comma-separated names, numbered 1..K in this order (default: every "
+                   "name found, sorted); regions of other names are left out")  # fmt: skip
+    i.add_argument("--attribute", default=None,
+                   help="via: the region attribute holding the category (default: the region's "
+                   "only attribute)")  # fmt: skip
+    i.add_argument(
+        "--default-category",
+        default=None,
+        help="via: the category of regions with no attribute (e.g. balloon)",
+    )
+    i.set_defaults(run=_run_data_import)
 
 
 def _run_data_subset(args) -> int:
@@ -477,6 +507,15 @@ def _run_data_subset(args) -> int:
     _out_folder(args.out)
     build_subset(args.annotations, args.images, args.out, args.categories, args.max_images,
                  args.min_area, args.split, progress=not args.no_progress)  # fmt: skip
+    return 0
+
+
+def _run_data_import(args) -> int:
+    from minimask.data.importers import import_dataset  # noqa: PLC0415
+
+    _out_folder(args.out)
+    import_dataset(args.source_format, args.src, args.out, args.split, args.categories,
+                   args.attribute, args.default_category)  # fmt: skip
     return 0
 
 
@@ -509,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.debug:
         return args.run(args)
-    name = "data subset" if args.command == "data" else args.command
+    name = f"data {args.tool}" if args.command == "data" else args.command
     try:
         return args.run(args)
     except KeyboardInterrupt as e:
