@@ -18,6 +18,7 @@ visible, :func:`get_xp` raises :class:`DeviceError` saying which and how to fix 
 from __future__ import annotations
 
 import os
+import time
 from types import ModuleType
 
 import numpy as np
@@ -184,3 +185,144 @@ def check_device(device: str | None = None) -> str:
     name = default_device() if device is None else str(device).strip().lower()
     get_xp(name)
     return name
+
+
+# ---------------------------------------------------------------------------- CPU threads
+# NumPy's matrix products run on a BLAS library (OpenBLAS in NumPy's wheels) with a pool of
+# threads, one per core by default. Its threads spin while they wait for work, and a matrix
+# product split between two threads waits for the slower half. So when two processes share the
+# cores, each one's spinning threads take the cores the other's working threads need: two `tiny`
+# trainings started together on 2 cores took 6-10x their time alone, where fair sharing is 2x.
+#
+# The policy: MINIMASK_THREADS=N (or set_threads(N)) fixes N threads. Otherwise (the default,
+# "auto") the training loop calls adapt_threads() once per step, which counts the threads of
+# *other* processes ready to run (Linux: /proc/loadavg less our own running threads) and gives
+# the BLAS the cores that are left, at least one. Alone, that is every core; beside another busy
+# process on 2 cores, one thread, which shares fairly (two trainings together: ~1.5-2x). Where
+# /proc is missing, auto keeps the BLAS's default. threadpoolctl is the standard way to set the
+# pool's size at run time (OPENBLAS_NUM_THREADS works only before NumPy is imported, and each
+# BLAS names its variable differently).
+THREADS_VARIABLE = "MINIMASK_THREADS"
+ADAPT_EVERY = 1.0  # seconds between two changes of the thread count (one sample per call)
+SAMPLES = 5  # the count follows the median of the last few samples, not one noisy reading
+
+
+class _ThreadPolicy:
+    """The state of the policy above (one per process)."""
+
+    def __init__(self):
+        self.fixed: int | None = None  # threads set by set_threads or MINIMASK_THREADS
+        self.samples: list[int] = []  # recent counts of other processes' runnable threads
+        self.changed_at = 0.0  # time.monotonic() of the last change
+        self.blas = None  # threadpoolctl's controllers of the BLAS libraries, found once
+        self.started = False  # set_threads has run (MINIMASK_THREADS read)
+
+    def controllers(self):
+        if self.blas is None:
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+
+            self.blas = ThreadpoolController().select(user_api="blas").lib_controllers
+        return self.blas
+
+    def current(self) -> int:
+        return max((c.get_num_threads() for c in self.controllers()), default=1)
+
+    def apply(self, threads: int) -> int:
+        for c in self.controllers():
+            if c.get_num_threads() != threads:
+                c.set_num_threads(threads)
+        return threads
+
+
+_policy = _ThreadPolicy()
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def runnable_elsewhere() -> int | None:
+    """Threads of other processes that are running or ready to run now; None without /proc.
+
+    ``/proc/loadavg``'s fourth field counts the runnable threads of the whole machine (``R/T``),
+    from which our own running threads (``/proc/self/task/*/stat``, state ``R``) are taken.
+    """
+    try:
+        with open("/proc/loadavg") as f:
+            runnable = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                continue
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(runnable - own, 0)
+
+
+def blas_threads() -> int:
+    """The number of threads NumPy's BLAS uses now."""
+    return _policy.current()
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Fix the number of threads of NumPy's BLAS, or return to the policy; returns the count.
+
+    Args:
+        threads: a positive count (fixed until the next call), or None for the policy:
+            ``MINIMASK_THREADS`` when set, else "auto" (every core until :func:`adapt_threads`
+            sees other processes running).
+
+    Raises:
+        ValueError: ``threads`` (or ``MINIMASK_THREADS``) is not a positive integer.
+    """
+    _policy.started = True
+    if threads is None:
+        value = os.environ.get(THREADS_VARIABLE, "").strip()
+        if value and value.lower() != "auto":
+            threads = _positive_int(value, THREADS_VARIABLE)
+    if threads is None:
+        _policy.fixed, _policy.samples = None, []
+        return _policy.apply(cores())
+    _policy.fixed = _positive_int(threads, "threads")
+    return _policy.apply(_policy.fixed)
+
+
+def adapt_threads() -> int:
+    """The auto policy's step (see above): call once per training step; returns the count.
+
+    Does nothing when the count is fixed. Costs about 0.1 ms (a few small reads of /proc).
+    """
+    if not _policy.started:
+        set_threads(None)
+    if _policy.fixed is not None:
+        return _policy.fixed
+    others = runnable_elsewhere()
+    if others is None:
+        return _policy.current()
+    _policy.samples = (_policy.samples + [others])[-SAMPLES:]
+    now = time.monotonic()
+    if now - _policy.changed_at < ADAPT_EVERY:
+        return _policy.current()
+    busy = sorted(_policy.samples)[len(_policy.samples) // 2]  # the median
+    threads = max(1, cores() - busy)
+    if threads != _policy.current():
+        _policy.changed_at = now
+        _policy.apply(threads)
+    return threads
+
+
+def _positive_int(value, name: str) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name}={value!r} is not a positive integer (a number of threads)")
+    return number

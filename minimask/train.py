@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from minimask.backend import get_array_module, rng
+from minimask.backend import adapt_threads, get_array_module, rng
 from minimask.engine import AnomalyError, detect_anomaly
 from minimask.model.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from minimask.nn import SGD, AdamW, Module, WarmupMultiStepSchedule, clip_grad_norm
@@ -191,6 +191,7 @@ def fit(
     model.train()
     with _interruptible() as interrupt:
         for i in bar:
+            adapt_threads()  # BLAS threads: the cores no other process is using (backend.py)
             records.append(_step(model, optimizer, schedule, params, get_batch, config, i, ckpt,
                                  xp))  # fmt: skip
             with open(log_path, "a") as f:

@@ -95,6 +95,40 @@ def test_blocks_equal_the_greedy_loop(data, threshold, block):
     np.testing.assert_array_equal(got, greedy_reference(boxes, scores, threshold))
 
 
+@given(crowded_boxes(max_n=40, dtype=np.float64), THRESHOLDS, st.sampled_from([0, 1, 4]))
+def test_walk_and_fixed_point_steps_equal_the_greedy_loop(data, threshold, steps):
+    # steps=0: every block is solved by the box-by-box walk; 1: most fall through to it.
+    boxes, scores = data
+    with (
+        mock.patch.object(nms_module, "BLOCK", 16),
+        mock.patch.object(nms_module, "FIXED_POINT_STEPS", steps),
+    ):
+        got = nms(boxes, scores, threshold)
+    np.testing.assert_array_equal(got, greedy_reference(boxes, scores, threshold))
+
+
+@given(hnp.arrays(bool, st.tuples(st.integers(1, 70), st.just(70)), elements=st.booleans()))
+def test_block_walk_solves_the_rule(dense):
+    # keep[j] = not any(keep[i] and S[i, j] for i < j), checked one j at a time.
+    b = dense.shape[0]
+    hits = np.triu(dense[:, :b], k=1)
+    keep = nms_module._walk_block(hits)
+    for j in range(b):
+        assert keep[j] == (not (keep[:j] & hits[:j, j]).any())
+    np.testing.assert_array_equal(nms_module._solve_block(hits), keep)
+
+
+@given(crowded_boxes(max_n=30, dtype=np.float64), st.sampled_from([-1.0, -0.1]))
+def test_negative_threshold_suppresses_disjoint_boxes_too(data, threshold):
+    # IoU 0 > -0.1: the best box removes every other (the proximity test must not skip them)
+    boxes, scores = data
+    boxes = boxes + 100 * np.arange(len(boxes))[:, None]  # far apart: no two overlap
+    boxes[:, 2:] += 1  # none empty (two empty boxes have IoU 0/0 = NaN, which suppresses nothing)
+    np.testing.assert_array_equal(
+        nms(boxes, scores, threshold), greedy_reference(boxes, scores, threshold)
+    )
+
+
 def test_long_suppression_chain_inside_and_across_blocks():
     # Box i overlaps i + 1 (IoU 0.67) but not i + 2 (IoU 0.43): greedy keeps every other box,
     # and the fixed-point iteration needs about one step per link of the chain.

@@ -11,7 +11,7 @@ from minimask.bench import roi_cases
 from minimask.bench.timing import run_cases
 
 
-def main(repeat: int = 5) -> None:
+def main(repeat: int = 9) -> None:
     cases = roi_cases.cases()
     try:
         nms_cases = importlib.import_module("minimask.bench.nms_cases")

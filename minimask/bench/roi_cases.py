@@ -2,7 +2,7 @@
 
 Both sides pool the same float32 stride-16 map of an 800×800 image (256×50×50) at the same
 proposal-like boxes and backpropagate the same gradient. The torch tensors are built outside the
-timed callables; both sides use their default threads.
+timed callables; both sides use the threads of ``--threads`` (default: every core).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from minimask.engine.ops import (
     unbroadcast,
     where,
 )
+from minimask.engine.profiler import profile, section
 from minimask.engine.tensor import Function, Tensor, is_grad_enabled, no_grad
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "no_grad",
     "ops",
     "pad",
+    "profile",
+    "section",
     "set_detect_anomaly",
     "stack",
     "unbroadcast",

@@ -20,12 +20,13 @@ The ops themselves live in :mod:`minimask.engine.ops`; this file holds only the 
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
 
 from minimask.backend import get_array_module, to_host
-from minimask.engine import anomaly
+from minimask.engine import anomaly, profiler
 
 _state = threading.local()
 
@@ -91,7 +92,11 @@ class Function:
         check = anomaly.is_enabled()
         if check:
             fn.created_at = anomaly.user_frame()
+        prof = profiler.active  # None unless inside `with profile():` (engine/profiler.py)
+        start = time.perf_counter() if prof is not None else 0.0
         out = fn.forward(*[t.data for t in tensors], **options)
+        if prof is not None:
+            prof.add(cls.__name__, "forward", time.perf_counter() - start)
         if check:
             anomaly.check_forward(fn, [t.data for t in tensors], out)
         result = Tensor(out)
@@ -219,7 +224,11 @@ class Tensor:
                 # a fresh array of the leaf's own dtype (never a view of g, never a NumPy scalar)
                 node.grad = xp.array(total, dtype=node.dtype)
                 continue
+            prof = profiler.active  # see Function.apply
+            start = time.perf_counter() if prof is not None else 0.0
             parent_grads = fn.backward(g)
+            if prof is not None:
+                prof.add(fn.name, "backward", time.perf_counter() - start)
             if not isinstance(parent_grads, tuple):
                 parent_grads = (parent_grads,)
             if anomaly.is_enabled():
