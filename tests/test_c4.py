@@ -177,6 +177,14 @@ def test_a_short_tiny_c4_run_lowers_every_loss(seed=2):
     assert time.perf_counter() - start < 60
 
 
+def test_a_c4_model_does_not_export_to_torchvision_names(tmp_path):
+    from minimask.model.weights import WeightsError, export_weights
+
+    with pytest.raises(WeightsError, match="no torchvision counterpart"):
+        export_weights(small_model(), tmp_path / "c4.pth")
+    assert not (tmp_path / "c4.pth").exists()
+
+
 def test_a_c4_checkpoint_rebuilds_its_model(tmp_path):
     model = small_model()
     meta = {"model_config": dict(vars(model.config)), "classes": list(CLASSES)}
