@@ -359,8 +359,10 @@ def to_torchvision(state: dict) -> dict:
         if key.endswith(".running_var"):
             out[new[: -len("running_var")] + "num_batches_tracked"] = np.array(0, dtype=np.int64)
     if any(k.startswith(C4_RES5[1]) for k in unknown):
-        raise WeightsError("a C4 layout model has no torchvision counterpart (torchvision builds "
-                           "no C4 Mask R-CNN): its weights stay in minimask's checkpoints")  # fmt: skip
+        raise WeightsError(
+            "a C4 layout model has no torchvision counterpart (torchvision builds no C4 Mask "
+            "R-CNN): its weights stay in minimask's checkpoints"
+        )
     if unknown:
         raise WeightsError(f"no torchvision name for {unknown}")
     return out
