@@ -146,7 +146,10 @@ def _add_train(subparsers) -> None:
         description="Train a Mask R-CNN preset. Writes losses.jsonl, loss_curve.png and an "
         "atomic checkpoint.npz every --checkpoint-every iterations; --resume continues exactly.",
     )
-    p.add_argument("--preset", default="tiny", choices=("tiny", "r50_fpn"))
+    p.add_argument("--preset", default="tiny", choices=_presets())
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set",
+                   help="change one field of the model config (minimask/model/config.py), e.g. "
+                   "--set pooler=roi_pool --set mask_loss=softmax; repeat for more")  # fmt: skip
     p.add_argument("--dataset", default="shapes", choices=("shapes", "coco"))
     _add_coco_options(p, split="train2017")
     p.add_argument(
@@ -191,6 +194,57 @@ def _add_train(subparsers) -> None:
     p.set_defaults(run=_run_train)
 
 
+def _presets() -> tuple[str, ...]:
+    from minimask.model.config import PRESETS  # noqa: PLC0415
+
+    return tuple(PRESETS)
+
+
+def _parse_bool(text: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in words:
+        raise ValueError(f"{text!r} is not true or false")
+    return words[text.lower()]
+
+
+def _parse_field(name: str, text: str, default):
+    """``text`` as a value of the config field ``name``, whose default is ``default``: parsed by
+    the default's type (bool, int, float, str, or a comma-separated tuple of its element type)."""
+    if isinstance(default, tuple):
+        kind = type(default[0]) if default else int
+        return tuple(_parse_field(name, part.strip(), kind()) for part in text.split(",") if part)
+    if isinstance(default, bool):
+        return _parse_bool(text)
+    return type(default)(text)
+
+
+def config_changes(settings: list[str]) -> dict:
+    """``["pooler=roi_pool", ...]`` (the ``--set`` options) as config changes, parsed by type.
+
+    Raises UsageError (one line) for a malformed setting, an unknown field or a bad value.
+    """
+    from minimask.model.config import MaskRCNNConfig  # noqa: PLC0415
+
+    defaults = MaskRCNNConfig()
+    changes = {}
+    for setting in settings:
+        name, eq, text = setting.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise UsageError(f"--set {setting}: write FIELD=VALUE, e.g. --set pooler=roi_pool")
+        if name not in MaskRCNNConfig.__dataclass_fields__:
+            raise UsageError(f"--set {setting}: unknown config field {name!r}; the fields are "
+                             "listed in minimask/model/config.py")  # fmt: skip
+        default = getattr(defaults, name)
+        try:
+            changes[name] = _parse_field(name, text.strip(), default)
+        except ValueError as e:
+            kind = f"tuple of {type(default[0]).__name__}" if isinstance(default, tuple) else (
+                type(default).__name__)  # fmt: skip
+            raise UsageError(f"--set {setting}: {name} takes a {kind} ({e})") from None
+    return changes
+
+
 def _data(args):
     """The data adapter the arguments name (shapes, or a COCO-format root and split)."""
     from minimask import workflow  # noqa: PLC0415
@@ -224,14 +278,21 @@ def _run_train(args) -> int:
                    resume=args.resume, weights=args.weights,
                    backbone_weights=args.backbone_weights, min_size=args.min_size,
                    max_size=args.max_size, progress=not args.no_progress,
-                   overwrite=args.overwrite, device=device)  # fmt: skip
+                   overwrite=args.overwrite, device=device,
+                   config_changes=config_changes(args.set))  # fmt: skip
     print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, {args.out}/loss_curve.png")
     return 0
 
 
 def _check_train_arguments(args) -> None:
     """Refuse, before anything is built or written, the values that cannot train."""
+    from minimask.model.config import get_config  # noqa: PLC0415
+
     _positive(args, "iterations", "batch_size", "checkpoint_every")
+    try:  # an unknown field, a bad value or a combination the config refuses
+        get_config(args.preset, **config_changes(args.set))
+    except ValueError as e:
+        raise UsageError(f"--set {' --set '.join(args.set)}: {e}") from None
     for name, value in (("lr", args.lr), ("gamma", args.gamma)):
         if not (math.isfinite(value) and value > 0):  # NaN fails every comparison
             raise UsageError(f"--{name} {value}: must be a finite number above 0")
@@ -288,7 +349,7 @@ def _add_model_options(p) -> None:
     p.add_argument(
         "--preset",
         default="r50_fpn",
-        choices=("tiny", "r50_fpn"),
+        choices=_presets(),
         help="with --weights: the architecture (default r50_fpn at 800/1333 px)",
     )
 

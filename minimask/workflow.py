@@ -90,16 +90,17 @@ def coco_model_config(preset: str, num_classes: int, min_size: int = COCO_MIN_SI
                       pretrained: bool = False) -> MaskRCNNConfig:  # fmt: skip
     """``preset`` sized for COCO photos at ``min_size`` and ``num_classes`` (background included).
 
-    For ``tiny`` (built for 128-pixel shapes) the anchors grow to 16..256 pixels, the inputs are
-    normalised with the ImageNet mean/std, and 100 detections are kept (COCO's AR@100). For
-    ``r50_fpn`` trained from scratch (not ``pretrained``), frozen BatchNorm becomes GroupNorm, as
+    For ``tiny`` and ``tiny_c4`` (built for 128-pixel shapes) the anchors grow to 16..256 pixels,
+    the inputs are normalised with the ImageNet mean/std, and 100 detections are kept (COCO's
+    AR@100). For the ResNet-50/101 presets trained from scratch (not ``pretrained``), frozen
+    BatchNorm becomes GroupNorm, as
     in He et al., "Rethinking ImageNet Pre-training" (2019), the recipe that trains Mask R-CNN
     R50-FPN from random weights; loaded weights bring their own BatchNorm statistics.
     """
     changes = {"num_classes": num_classes, "min_size": min_size, "max_size": max_size}
-    if preset == "r50_fpn" and not pretrained:
+    if get_config(preset).norm == "frozen_bn" and not pretrained:
         changes.update(norm="group_norm")
-    if preset == "tiny":
+    if preset in ("tiny", "tiny_c4"):
         photo = MaskRCNNConfig()
         changes.update(anchor_sizes=(16, 32, 64, 128, 256), image_mean=photo.image_mean,
                        image_std=photo.image_std, detections_per_image=100)  # fmt: skip
@@ -150,15 +151,19 @@ class CocoData:
 def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
           resume: bool = False, weights: str | None = None, backbone_weights: str | None = None,
           min_size: int | None = None, max_size: int | None = None, progress: bool = True,
-          log=print, overwrite: bool = False, device: str | None = None) -> MaskRCNN:  # fmt: skip
+          log=print, overwrite: bool = False, device: str | None = None,
+          config_changes: dict | None = None) -> MaskRCNN:  # fmt: skip
     """Train ``preset`` on ``data`` (an adapter above) with :func:`minimask.train.fit`.
 
+    ``config_changes`` are model config fields set last (``{"pooler": "roi_pool"}``: the CLI's
+    ``--set``), after the data adapter has sized the preset.
     ``resume`` continues the run in ``out_dir``; ``overwrite`` replaces it; with neither, a
     folder that already holds a run is refused (:class:`minimask.train.RunExistsError`).
     ``device`` (``"cpu"``/``"gpu"``, default ``MINIMASK_DEVICE``) is where the model trains;
     batches stay on the host until the model's transform uploads them.
     """
     model_config = data.model_config(preset, min_size, max_size, bool(weights or backbone_weights))
+    model_config = model_config.replace(**(config_changes or {}))
     model = build_model(model_config, config.seed, weights, backbone_weights, log)
     model.to(check_device(device))  # before fit builds the optimizer: its state goes there too
     meta = {"preset": preset, "batch_size": batch_size, "model_config": asdict(model_config),

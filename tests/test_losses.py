@@ -619,3 +619,76 @@ def test_losses_on_gpu_match_cpu():
     assert_close(gpu_values, cpu_values, rtol=1e-10)
     for name in inputs:
         assert_close(gpu_grads[name], cpu_grads[name], rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------- softmax mask loss
+def ref_softmax_mask(logits, labels, targets):
+    """Table 2b's multinomial loss, pixel by pixel: -log softmax over the K masks at the pixel's
+    class (the RoI's class inside the GT mask, background 0 outside)."""
+    r, k, m, _ = logits.shape
+    total = 0.0
+    for i in range(r):
+        for y in range(m):
+            for x in range(m):
+                scores = [float(logits[i, c, y, x]) for c in range(k)]
+                top = max(scores)
+                log_z = top + math.log(sum(math.exp(s - top) for s in scores))
+                c = int(labels[i]) if targets[i, y, x] >= 0.5 else 0
+                total += log_z - scores[c]
+    return total / (r * m * m)
+
+
+@given(mask_case())
+def test_mask_softmax_loss_gradients_match_finite_differences(case):
+    logits, labels, targets = case
+    check_gradients(lambda x: L.mask_softmax_loss(x, labels, targets), logits)
+
+
+@given(mask_case())
+def test_mask_softmax_loss_matches_its_pixel_loop_definition(case):
+    logits, labels, targets = case
+    out = L.mask_softmax_loss(Tensor(logits), labels, targets).item()
+    assert out == pytest.approx(ref_softmax_mask(logits, labels, targets), rel=1e-9)
+
+
+@given(mask_case())
+def test_mask_softmax_loss_makes_masks_compete(case):
+    """Unlike the sigmoid loss, every channel gets a gradient (the softmax couples them), and
+    each pixel's gradient sums to zero over the channels."""
+    logits, labels, targets = case
+    x = Tensor(logits, requires_grad=True)
+    L.mask_softmax_loss(x, labels, targets).backward()
+    assert np.all(x.grad != 0.0)
+    np.testing.assert_allclose(x.grad.sum(axis=1), 0.0, atol=1e-12)
+
+
+@requires_torch
+@settings(max_examples=15)
+@given(mask_case())
+def test_mask_softmax_loss_matches_torch_cross_entropy(case):
+    logits, labels, targets = case
+    tx = t64(logits, True)
+    classes = torch.tensor(np.where(targets >= 0.5, labels[:, None, None], 0))  # (R, M, M)
+    expected = torch.nn.functional.cross_entropy(tx, classes)  # class axis 1 of (R, K, M, M)
+    expected.backward()
+    x = Tensor(logits, requires_grad=True)
+    out = L.mask_softmax_loss(x, labels, targets)
+    out.backward()
+    assert_close(out.item(), expected.item())
+    assert_close(x.grad, tx.grad.numpy())
+
+
+def test_mask_softmax_loss_edge_cases():
+    empty = Tensor(np.zeros((0, 3, 4, 4)), requires_grad=True)
+    out = L.mask_softmax_loss(empty, np.zeros(0, dtype=np.int64), np.zeros((0, 4, 4)))
+    out.backward()
+    assert out.item() == 0.0 and empty.grad.shape == (0, 3, 4, 4)
+    logits = Tensor(np.zeros((2, 3, 4, 4)))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        L.mask_softmax_loss(logits, np.array([1, 3]), np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="mask_targets"):
+        L.mask_softmax_loss(logits, np.array([1, 2]), np.zeros((2, 5, 5)))
+    # Equal logits: every pixel is a uniform guess over K = 3 classes, log 3 whatever the target.
+    assert L.mask_softmax_loss(logits, np.array([1, 2]), np.ones((2, 4, 4))).item() == (
+        pytest.approx(math.log(3))
+    )

@@ -279,7 +279,7 @@ def test_demo_builds_models_from_seed_deterministically():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["tiny", "r50_fpn"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_c4", "r50_fpn"])
 def test_one_training_step_on_the_gpu_equals_the_cpu_in_float64(preset):
     """The issue's GPU check: the same weights and batch at a fixed seed give the same five
     losses and gradients on CuPy as on NumPy, within 1e-4 relative, in float64. The samplers
@@ -289,7 +289,7 @@ def test_one_training_step_on_the_gpu_equals_the_cpu_in_float64(preset):
 
     from minimask.backend import to_host
 
-    size = 128 if preset == "tiny" else 320
+    size = 128 if preset.startswith("tiny") else 320
     shapes = ShapesConfig(image_size=size, min_size=size // 8, max_size=size // 3, max_shapes=3)
     samples = [make_sample(1, i, shapes) for i in range(2)]
     everything = {"rpn_batch_per_image": 10**6, "box_batch_per_image": 10**6,

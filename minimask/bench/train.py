@@ -6,6 +6,13 @@ below since torchvision's ResNet has fixed widths), ``FeaturePyramidNetwork`` wi
 ``LastLevelMaxPool``, the same ``AnchorGenerator``, ``RPNHead``, ``MultiScaleRoIAlign`` poolers,
 ``TwoMLPHead``, ``MaskRCNNHeads`` and predictors, the same sampling sizes and NMS settings.
 
+``--preset tiny_c4`` compares the C4 layout: torchvision's ``MaskRCNN`` on the ResNet trunk up to
+C4 (a backbone with one feature map), the same single-level ``AnchorGenerator``, a 14×14
+``MultiScaleRoIAlign`` on C4, res5 + average pooling as the ``box_head``, and the same res5
+module as the ``mask_head`` before a ``MaskRCNNPredictor`` (deconv, ReLU, 1×1). One difference
+of work: in training torchvision pools the foreground RoIs again and runs res5 on them for the
+masks, where minimask reuses the box head's res5 maps (up to a quarter of the box head's RoIs).
+
 Two measurements, each framework in its own process (so peak memory is its own):
 
 1. **Speed and memory**: seconds per training iteration (median over ``--speed-iters`` after a
@@ -42,7 +49,7 @@ def _peak_mb() -> float:
 
 
 # ---------------------------------------------------------------------------- minimask
-def _minimask_job(mode: str, iterations: int, batch_size: int, queue) -> None:
+def _minimask_job(preset: str, mode: str, iterations: int, batch_size: int, queue) -> None:
     use_threads()  # the parent's --threads, from the environment
     from minimask.data.shapes import CLASSES, shapes_batches  # noqa: PLC0415
     from minimask.model.checkpoint import build_model  # noqa: PLC0415
@@ -52,7 +59,7 @@ def _minimask_job(mode: str, iterations: int, batch_size: int, queue) -> None:
         from minimask.backend import rng  # noqa: PLC0415
         from minimask.train import make_optimizer, total_loss  # noqa: PLC0415
 
-        model = build_model("tiny", 0, num_classes=len(CLASSES))
+        model = build_model(preset, 0, num_classes=len(CLASSES))
         opt = make_optimizer(model, TrainConfig(lr=0.001))
         get_batch = shapes_batches(0, batch_size)
         times = []
@@ -74,7 +81,7 @@ def _minimask_job(mode: str, iterations: int, batch_size: int, queue) -> None:
         warmup_iters=WARMUP, milestones=(int(0.8 * iterations),), clip_norm=CLIP,
         checkpoint_every=iterations,
     )  # fmt: skip
-    model = build_model("tiny", 0, num_classes=len(CLASSES))
+    model = build_model(preset, 0, num_classes=len(CLASSES))
     with tempfile.TemporaryDirectory() as out:
         fit(model, shapes_batches(0, batch_size), config, out, progress=False)
         from minimask.workflow import ShapesData, evaluate  # noqa: PLC0415
@@ -84,8 +91,8 @@ def _minimask_job(mode: str, iterations: int, batch_size: int, queue) -> None:
 
 
 # ---------------------------------------------------------------------------- torchvision
-def _torchvision_model():
-    """torchvision's MaskRCNN with the tiny preset's architecture (see the module docstring)."""
+def _torchvision_model(preset: str = "tiny"):
+    """torchvision's MaskRCNN with the preset's architecture (see the module docstring)."""
     from collections import OrderedDict  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
@@ -103,9 +110,9 @@ def _torchvision_model():
     from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign  # noqa: PLC0415
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: PLC0415
 
-    from minimask.model.config import tiny  # noqa: PLC0415
+    from minimask.model.config import get_config  # noqa: PLC0415
 
-    c = tiny()
+    c = get_config(preset)
 
     def conv_norm(c_in, c_out, k, stride=1):
         return nn.Sequential(
@@ -123,16 +130,19 @@ def _torchvision_model():
             short = x if self.down is None else self.down(x)
             return torch.relu(self.conv2(torch.relu(self.conv1(x))) + short)
 
+    stages, c_in = [], c.stem_channels
+    for i, (n, w) in enumerate(zip(c.stage_blocks, c.stage_channels)):
+        blocks = [Block(c_in if b == 0 else w, w, (1 if i == 0 else 2) if b == 0 else 1)
+                  for b in range(n)]  # fmt: skip
+        stages.append(nn.Sequential(*blocks))
+        c_in = w
+    if c.layout == "c4":
+        return _torchvision_c4(c, conv_norm, stages)
+
     class Backbone(nn.Module):
         def __init__(self):
             super().__init__()
             self.stem = conv_norm(3, c.stem_channels, 7, 2)
-            stages, c_in = [], c.stem_channels
-            for i, (n, w) in enumerate(zip(c.stage_blocks, c.stage_channels)):
-                blocks = [Block(c_in if b == 0 else w, w, (1 if i == 0 else 2) if b == 0 else 1)
-                          for b in range(n)]  # fmt: skip
-                stages.append(nn.Sequential(*blocks))
-                c_in = w
             self.stages = nn.ModuleList(stages)
             self.fpn = FeaturePyramidNetwork(
                 list(c.stage_channels), c.fpn_channels, extra_blocks=LastLevelMaxPool()
@@ -172,6 +182,60 @@ def _torchvision_model():
     )  # fmt: skip
 
 
+def _torchvision_c4(c, conv_norm, stages):
+    """The C4 peer: torchvision's MaskRCNN on a one-map backbone, res5 as box and mask head."""
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+    from torchvision.models.detection import MaskRCNN  # noqa: PLC0415
+    from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: PLC0415
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor  # noqa: PLC0415
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor  # noqa: PLC0415
+    from torchvision.ops import MultiScaleRoIAlign  # noqa: PLC0415
+
+    class Trunk(nn.Module):  # stem, C2, C3, C4: one map at stride 16
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_norm(3, c.stem_channels, 7, 2)
+            self.stages = nn.Sequential(*stages[:3])
+            self.out_channels = c.stage_channels[2]
+
+        def forward(self, x):
+            return self.stages(nn.functional.max_pool2d(torch.relu(self.stem(x)), 3, 2, 1))
+
+    res5 = stages[3]
+
+    class Res5Box(nn.Module):  # res5, then global average pooling: (R, c5)
+        def __init__(self):
+            super().__init__()
+            self.res5 = res5
+
+        def forward(self, x):
+            return self.res5(x).mean(dim=(2, 3))
+
+    c5 = c.stage_channels[3]
+    anchors = AnchorGenerator((tuple(c.anchor_sizes),), (tuple(c.aspect_ratios),))
+    return MaskRCNN(
+        Trunk(),
+        num_classes=None,
+        min_size=c.min_size, max_size=c.max_size,
+        image_mean=list(c.image_mean), image_std=list(c.image_std),
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=c.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=c.rpn_batch_per_image,
+        box_roi_pool=MultiScaleRoIAlign(["0"], c.box_pool_size, c.pool_sampling_ratio),
+        box_head=Res5Box(),
+        box_predictor=FastRCNNPredictor(c5, c.num_classes),
+        box_batch_size_per_image=c.box_batch_per_image,
+        box_detections_per_img=c.detections_per_image,
+        mask_roi_pool=MultiScaleRoIAlign(["0"], c.box_pool_size, c.pool_sampling_ratio),
+        mask_head=res5,  # the same module: (R, c5, 7, 7)
+        mask_predictor=MaskRCNNPredictor(c5, c.mask_deconv_channels, c.num_classes),
+    )  # fmt: skip
+
+
 def _torch_batch(samples):
     import torch  # noqa: PLC0415
 
@@ -184,7 +248,7 @@ def _torch_batch(samples):
     return images, targets
 
 
-def _torchvision_job(mode: str, iterations: int, batch_size: int, queue) -> None:
+def _torchvision_job(preset: str, mode: str, iterations: int, batch_size: int, queue) -> None:
     import torch  # noqa: PLC0415
 
     use_threads()
@@ -197,7 +261,7 @@ def _torchvision_job(mode: str, iterations: int, batch_size: int, queue) -> None
     )
 
     torch.manual_seed(0)
-    model = _torchvision_model()
+    model = _torchvision_model(preset)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
@@ -258,20 +322,23 @@ def main(repeat: int = 3, argv=None) -> None:
     parser.add_argument("--iterations", type=int, default=1000, help="parity training length")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "tiny_c4"))
     args = parser.parse_args(argv)
     import torch  # noqa: PLC0415, F401 - the peer is required here
 
-    print(f"## Training benchmark: tiny preset, batch {args.batch_size}, 128x128 shapes\n")
+    p = args.preset
+    print(f"## Training benchmark: {p} preset, batch {args.batch_size}, 128x128 shapes\n")
     print(f"{machine()}; {threads_note()}; {repeat} interleaved pairs of processes (minimask, "
           f"torchvision, ...), each the median of {args.speed_iters} steps; ratio: median "
           "(min–max) of the pairs' ratios\n")  # fmt: skip
+    goal_time = 2.0 if p == "tiny" else 1.0
     runs = []
     for _ in range(repeat):  # interleaved, so that other load on the machine hits both alike
-        ours = _in_process(_minimask_job, "speed", args.speed_iters, args.batch_size)
-        theirs = _in_process(_torchvision_job, "speed", args.speed_iters, args.batch_size)
+        ours = _in_process(_minimask_job, p, "speed", args.speed_iters, args.batch_size)
+        theirs = _in_process(_torchvision_job, p, "speed", args.speed_iters, args.batch_size)
         runs.append((ours, theirs))
     print("| | minimask | torchvision | ratio (range) | goal |\n|---|---:|---:|---:|---|")
-    for key, label, fmt, goal in (("s_per_iter", "s / iteration", ".3f", 2.0),
+    for key, label, fmt, goal in (("s_per_iter", "s / iteration", ".3f", goal_time),
                                   ("peak_mb", "peak RSS (MB)", ".0f", 1.5)):  # fmt: skip
         a = np.array([o[key] for o, _ in runs])
         b = np.array([t[key] for _, t in runs])
@@ -282,8 +349,8 @@ def main(repeat: int = 3, argv=None) -> None:
     print()
     if args.skip_parity:
         return
-    ours = _in_process(_minimask_job, "parity", args.iterations, args.batch_size)
-    theirs = _in_process(_torchvision_job, "parity", args.iterations, args.batch_size)
+    ours = _in_process(_minimask_job, p, "parity", args.iterations, args.batch_size)
+    theirs = _in_process(_torchvision_job, p, "parity", args.iterations, args.batch_size)
     print(f"Learning parity after {args.iterations} iterations (100 validation images):\n")
     print("| metric | minimask | torchvision | difference |\n|---|---:|---:|---:|")
     for task in ("bbox", "segm"):

@@ -85,26 +85,43 @@ class Bottleneck(Module):
         return (out + shortcut).relu()
 
 
-class ResNet(Module):
-    """Stem (7x7 stride-2 conv, 3x3 stride-2 max-pool) and four stages; returns [C2, C3, C4, C5]."""
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
-    def __init__(self, config: MaskRCNNConfig):
+
+def make_stage(config: MaskRCNNConfig, index: int) -> Sequential:
+    """ResNet stage C{index + 2} (index 0..3), built from the config: its first block takes the
+    previous stage's channels and (except C2) halves the resolution with stride 2.
+
+    The ResNet trunk builds C2..C5 (or C2..C4 for the C4 layout, whose C5 is the box head).
+    """
+    if config.block not in BLOCKS:
+        raise ValueError(f"config.block={config.block!r}; use 'basic' or 'bottleneck'")
+    block = BLOCKS[config.block]
+    c_in = (
+        config.stem_channels if index == 0 else config.stage_channels[index - 1] * block.expansion
+    )
+    width, stride = config.stage_channels[index], 1 if index == 0 else 2  # C2 keeps stride 4
+    layers = []
+    for b in range(config.stage_blocks[index]):
+        layers.append(block(config, c_in, width, stride if b == 0 else 1))
+        c_in = width * block.expansion
+    return Sequential(*layers)
+
+
+class ResNet(Module):
+    """Stem (7x7 stride-2 conv, 3x3 stride-2 max-pool) and stages; returns [C2, C3, C4, C5].
+
+    ``num_stages=3`` stops at C4 (the C4 layout's trunk, whose C5 is the box head).
+    """
+
+    def __init__(self, config: MaskRCNNConfig, num_stages: int = 4):
         super().__init__()
-        blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
-        if config.block not in blocks:
+        if config.block not in BLOCKS:
             raise ValueError(f"config.block={config.block!r}; use 'basic' or 'bottleneck'")
-        block = blocks[config.block]
+        expansion = BLOCKS[config.block].expansion
         self.stem = conv_norm(config, 3, config.stem_channels, 7, stride=2)
-        stages, c_in = [], config.stem_channels
-        for i, (n_blocks, width) in enumerate(zip(config.stage_blocks, config.stage_channels)):
-            stride = 1 if i == 0 else 2  # C2 keeps the stem's stride 4
-            layers = []
-            for b in range(n_blocks):
-                layers.append(block(config, c_in, width, stride if b == 0 else 1))
-                c_in = width * block.expansion
-            stages.append(Sequential(*layers))
-        self.stages = ModuleList(stages)
-        self.out_channels = [w * block.expansion for w in config.stage_channels]
+        self.stages = ModuleList([make_stage(config, i) for i in range(num_stages)])
+        self.out_channels = [w * expansion for w in config.stage_channels[:num_stages]]
         if not 0 <= config.trainable_stages <= 5:
             raise ValueError(f"trainable_stages={config.trainable_stages} must be in 0..5")
 
@@ -112,13 +129,14 @@ class ResNet(Module):
         """Train only the last ``trainable`` of (stem, C2, C3, C4, C5); stop gradients to the rest.
 
         Called once pre-trained weights are loaded (see ``MaskRCNNConfig.trainable_stages``).
+        Parts are counted from C5 even when this trunk stops at C4 (the C4 layout's C5 is the
+        box head, which freezes itself: :class:`minimask.model.c4.Res5Head`).
         """
         if not 0 <= trainable <= 5:
             raise ValueError(f"trainable_stages={trainable} must be in 0..5")
-        parts = [self.stem, *self.stages]
-        for i, part in enumerate(parts):
+        for i, part in enumerate([self.stem, *self.stages]):  # i: 0 stem, 1 C2, ..., 4 C5
             for p in part.parameters():
-                p.requires_grad = i >= len(parts) - trainable
+                p.requires_grad = i >= 5 - trainable
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.stem(x).relu()

@@ -126,7 +126,7 @@ def build_model(config: MaskRCNNConfig | str, seed: int = 0, weights: str | None
     if weights or backbone_weights:
         load_weights(model, weights or backbone_weights, backbone_only=bool(backbone_weights),
                      log=log)  # fmt: skip
-        model.backbone.freeze(config.trainable_stages)
+        model.freeze_backbone(config.trainable_stages)
     return model
 
 

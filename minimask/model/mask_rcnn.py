@@ -1,6 +1,8 @@
-"""Mask R-CNN (He et al., 2017): Faster R-CNN plus a mask branch, on a ResNet-FPN backbone.
+"""Mask R-CNN (He et al., 2017): Faster R-CNN plus a mask branch, on a ResNet-FPN backbone (or
+the paper's other design, ResNet-C4: :mod:`minimask.model.c4`, picked by ``config.layout`` in
+:func:`build_layout`).
 
-The whole model in forward order::
+The whole model in forward order (FPN)::
 
     raw images ─ transform: normalise, resize (shorter side 800), pad to /32
         ─ ResNet ─ C2..C5 ─ FPN ─ P2..P6
@@ -28,25 +30,76 @@ import numpy as np
 
 from minimask.backend import get_array_module, to_host
 from minimask.model.backbone import ResNet
+from minimask.model.c4 import Res5Head
 from minimask.model.config import MaskRCNNConfig
 from minimask.model.fpn import FPN
-from minimask.model.mask_head import MaskHead
+from minimask.model.mask_head import MaskHead, MLPMaskHead
 from minimask.model.roi_heads import RoIHeads
 from minimask.model.rpn import RPN
 from minimask.model.transform import ImageTransform
 from minimask.nn import Module
+from minimask.ops.anchors import AnchorGenerator
+
+MASK_HEADS = {"fcn": MaskHead, "mlp": MLPMaskHead}  # config.mask_head -> the class
+
+
+def build_layout(model: MaskRCNN, config: MaskRCNNConfig) -> None:
+    """Give ``model`` the parts of ``config.layout``: the one place that tells FPN from C4.
+
+    FPN: ResNet C2..C5, the FPN, the RPN over P2..P6, the box head's two FC layers, the mask FCN
+    pooling its own 14×14. C4: ResNet C2..C4, the RPN on C4 with every anchor size at one level,
+    res5 as the box head (:class:`~minimask.model.c4.Res5Head`), and the mask head reading
+    res5's maps through the box head.
+    """
+    if config.layout == "fpn":
+        model.backbone = ResNet(config)
+        model.fpn = FPN(model.backbone.out_channels, config.fpn_channels)
+        anchors = AnchorGenerator.fpn(config.anchor_sizes, config.aspect_ratios)
+        model.rpn = RPN(config, config.fpn_channels, anchors)
+        model.roi_heads = RoIHeads(config, config.fpn_channels)
+        model.mask_head = MASK_HEADS[config.mask_head](config, config.fpn_channels)
+    elif config.layout == "c4":
+        model.backbone = ResNet(config, num_stages=3)  # stem, C2, C3, C4
+        c4 = model.backbone.out_channels[-1]
+        anchors = AnchorGenerator.c4(config.anchor_sizes, config.aspect_ratios)
+        model.rpn = RPN(config, c4, anchors)
+        res5 = Res5Head(config)
+        model.roi_heads = RoIHeads(config, c4, head=res5, width=res5.out_channels)
+        model.mask_head = MASK_HEADS[config.mask_head](
+            config, res5.out_channels, roi_features=model.roi_heads.box_features
+        )
+    else:  # the config refuses other values; this guards a config built around its check
+        raise ValueError(f"config.layout={config.layout!r}; use 'fpn' or 'c4'")
 
 
 class MaskRCNN(Module):
     def __init__(self, config: MaskRCNNConfig):
         super().__init__()
         self.config = config
-        self.backbone = ResNet(config)
-        self.fpn = FPN(self.backbone.out_channels, config.fpn_channels)
-        self.rpn = RPN(config, config.fpn_channels)
-        self.roi_heads = RoIHeads(config, config.fpn_channels)
-        self.mask_head = MaskHead(config, config.fpn_channels)
+        build_layout(self, config)
         self.transform = ImageTransform(config)
+
+    # What 4-step alternating training shares and trains in turn (Faster R-CNN §3.2).
+    def shared_modules(self) -> list[Module]:
+        """The feature extractor the RPN and the detector share: [backbone, fpn] (FPN), or
+        [the ResNet trunk up to C4] (C4)."""
+        return [self.backbone, self.fpn] if self.config.layout == "fpn" else [self.backbone]
+
+    def rpn_modules(self) -> list[Module]:
+        """The RPN's own layers: [rpn]."""
+        return [self.rpn]
+
+    def detector_modules(self) -> list[Module]:
+        """The detector's own layers: [roi_heads, mask_head] (C4: res5, the box head, is
+        ``roi_heads.head``)."""
+        return [self.roi_heads, self.mask_head]
+
+    def freeze_backbone(self, trainable: int) -> None:
+        """Train only the last ``trainable`` of the ResNet's (stem, C2, C3, C4, C5), as
+        ``config.trainable_stages``; in C4, C5 is res5 in the box head."""
+        self.backbone.freeze(trainable)
+        if isinstance(self.roi_heads.head, Res5Head):
+            self.roi_heads.head.freeze(trainable)
 
     @property
     def rng(self):
@@ -92,15 +145,21 @@ class MaskRCNN(Module):
     def features(self, x):
         """The backbone on a preprocessed batch: ``(rpn_features, head_features)``.
 
-        FPN: the RPN sees [P2..P6] and the heads pool from [P2..P5].
+        FPN: the RPN sees [P2..P6] and the heads pool from [P2..P5]. C4: both see [C4].
         """
+        if self.config.layout == "c4":
+            c4 = self.backbone(x)[-1]  # (N, c4, H/16, W/16)
+            return [c4], [c4]
         features = self.fpn(self.backbone(x))  # [P2, P3, P4, P5, P6]
         return features, features[:4]
 
     def detector_losses(self, features, proposals, sizes, padded, targets) -> dict:
         """The box and mask heads' losses on ``proposals`` (N arrays (P_i, 4), padded pixels)."""
-        losses, sampled = self.roi_heads(features, proposals, sizes, padded, targets)
-        losses["loss_mask"] = self.mask_head.loss(features, sampled, targets, padded)
+        heads = self.roi_heads
+        sampled = heads.sample_proposals(proposals, targets)
+        box_features = heads.box_features(features, [s[0] for s in sampled], padded)
+        losses = heads.loss(box_features, sampled)
+        losses["loss_mask"] = self.mask_head.loss(features, sampled, targets, padded, box_features)
         return losses
 
     def detect(self, features, proposals, sizes, padded) -> list[dict]:

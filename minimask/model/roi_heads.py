@@ -6,6 +6,9 @@ foreground; each sampled RoI is pooled to 7×7 by multi-scale RoIAlign, passed t
 layers, and scored over K classes with K class-specific box deltas. Inference: softmax scores,
 per-class decoding, a score threshold, per-class NMS and the top detections.
 
+The C4 layout (:mod:`minimask.model.c4`) swaps the pooler (14×14 from C4) and the head (res5);
+the sampling, the predictor and the post-processing are the same.
+
 Shape letters: R RoIs (all images), K classes including background 0, S the pool size, D the FC
 width. Boxes are (x1, y1, x2, y2) in pixels.
 """
@@ -25,6 +28,14 @@ from minimask.ops.poolers import MultiScaleRoIAlign
 from minimask.ops.sampler import BalancedPositiveNegativeSampler
 
 
+def make_pooler(config: MaskRCNNConfig, output_size: int) -> MultiScaleRoIAlign:
+    """The model's pooler at ``output_size``: the config's op (RoIAlign or RoIPool), sampling
+    ratio and ``aligned``; multi-scale over the FPN levels, or single-scale on C4."""
+    return MultiScaleRoIAlign(
+        output_size, config.pool_sampling_ratio, aligned=config.roi_align_aligned, op=config.pooler
+    )
+
+
 class TwoMLPHead(Module):
     """Flatten (R, C, S, S) and apply two FC + ReLU layers: -> (R, D)."""
 
@@ -39,7 +50,11 @@ class TwoMLPHead(Module):
 
 
 class BoxPredictor(Module):
-    """(R, D) -> class logits (R, K) and class-specific deltas (R, 4K)."""
+    """(R, D) -> class logits (R, K) and class-specific deltas (R, 4K).
+
+    (R, D, h, w) maps (the C4 layout's res5 output) are first global-average pooled to (R, D),
+    as ResNet's own classifier does.
+    """
 
     def __init__(self, width: int, num_classes: int):
         super().__init__()
@@ -47,20 +62,25 @@ class BoxPredictor(Module):
         self.bbox_pred = Linear(width, 4 * num_classes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.ndim == 4:  # C4: res5 maps (R, D, 7, 7)
+            x = x.mean(axis=(2, 3))  # (R, D)
         return self.cls_score(x), self.bbox_pred(x)
 
 
 class RoIHeads(Module):
     """Proposal targets, the box head and its loss, and box post-processing."""
 
-    def __init__(self, config: MaskRCNNConfig, channels: int):
+    def __init__(self, config: MaskRCNNConfig, channels: int, head=None, width=None):
+        """``channels`` of the pooled maps; ``head`` (R, C, S, S) -> (R, width) or maps (R,
+        width, h, w): FPN's :class:`TwoMLPHead` unless given (C4 gives its res5)."""
         super().__init__()
         self.config = config
-        self.pooler = MultiScaleRoIAlign(
-            config.box_pool_size, config.pool_sampling_ratio, aligned=config.roi_align_aligned
-        )
-        self.head = TwoMLPHead(channels * config.box_pool_size**2, config.box_fc_dim)
-        self.predictor = BoxPredictor(config.box_fc_dim, config.num_classes)
+        self.pooler = make_pooler(config, config.box_pool_size)
+        if head is None:
+            head = TwoMLPHead(channels * config.box_pool_size**2, config.box_fc_dim)
+            width = config.box_fc_dim
+        self.head = head
+        self.predictor = BoxPredictor(width, config.num_classes)
         self.box_coder = BoxCoder(config.box_coder_weights)
         self.matcher = Matcher(config.box_fg_iou, config.box_bg_iou)
         self.sampler = BalancedPositiveNegativeSampler(
@@ -113,19 +133,25 @@ class RoIHeads(Module):
         """
         if targets is not None:
             sampled = self.sample_proposals(proposals, targets)
-            boxes = [s[0] for s in sampled]
-            logits, deltas = self._predict(features, boxes, padded_size)
-            xp = logits.xp
-            labels = xp.concatenate([s[1] for s in sampled])
-            regression = xp.concatenate([s[3] for s in sampled])
-            loss_cls, loss_box = fastrcnn_loss(logits, deltas, labels, regression)
-            return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}, sampled
-        logits, deltas = self._predict(features, proposals, padded_size)
+            x = self.box_features(features, [s[0] for s in sampled], padded_size)
+            return self.loss(x, sampled), sampled
+        logits, deltas = self.predictor(self.box_features(features, proposals, padded_size))
         return self.postprocess(logits.data, deltas.data, proposals, image_sizes), None
 
-    def _predict(self, features, boxes, padded_size):
+    def box_features(self, features, boxes, padded_size) -> Tensor:
+        """The head's output for per-image ``boxes``: (R, D) vectors, or (R, D, h, w) maps (C4's
+        res5, which the mask branch reuses)."""
         pooled = self.pooler(features, boxes, [padded_size])  # (R, C, S, S)
-        return self.predictor(self.head(pooled))
+        return self.head(pooled)
+
+    def loss(self, box_features: Tensor, sampled) -> dict:
+        """L_cls and L_box of the sampled RoIs, from their :meth:`box_features`."""
+        logits, deltas = self.predictor(box_features)
+        xp = logits.xp
+        labels = xp.concatenate([s[1] for s in sampled])
+        regression = xp.concatenate([s[3] for s in sampled])
+        loss_cls, loss_box = fastrcnn_loss(logits, deltas, labels, regression)
+        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
     @no_grad()
     def postprocess(self, logits, deltas, proposals, image_sizes):

@@ -1,4 +1,5 @@
-"""The Region Proposal Network (Faster R-CNN §3.1), run on every FPN level (FPN §4.1).
+"""The Region Proposal Network (Faster R-CNN §3.1), run on every FPN level (FPN §4.1), or on
+the one C4 map of the C4 layout (one level holding every anchor size).
 
 A small network slides over each feature map: a shared 3x3 conv, then at every location one
 objectness logit and four box deltas ``(t_x, t_y, t_w, t_h)`` for each of its A anchors. Decoding
@@ -58,10 +59,13 @@ class RPNHead(Module):
 class RPN(Module):
     """Anchors, the head, proposals (decode, top-k per level, clip, NMS, top-N) and the loss."""
 
-    def __init__(self, config: MaskRCNNConfig, channels: int):
+    def __init__(self, config: MaskRCNNConfig, channels: int, anchor_generator=None):
+        """``anchor_generator``: the layout's (default: FPN's, one anchor size per level)."""
         super().__init__()
         self.config = config
-        self.anchor_generator = AnchorGenerator.fpn(config.anchor_sizes, config.aspect_ratios)
+        self.anchor_generator = anchor_generator or AnchorGenerator.fpn(
+            config.anchor_sizes, config.aspect_ratios
+        )
         self.head = RPNHead(channels, self.anchor_generator.num_anchors_per_location()[0])
         self.box_coder = BoxCoder(RPN_WEIGHTS)
         self.matcher = Matcher(config.rpn_fg_iou, config.rpn_bg_iou, allow_low_quality_matches=True)
@@ -74,7 +78,7 @@ class RPN(Module):
         """Proposals for each image, and the RPN losses when ``targets`` are given.
 
         Args:
-            features: [P2..P6], each (N, C, Hl, Wl).
+            features: [P2..P6] (FPN) or [C4], each (N, C, Hl, Wl).
             image_sizes: N (height, width) of the images before padding (proposals are clipped
                 to them).
             padded_size: (height, width) of the padded batch.

@@ -20,6 +20,11 @@ Which weights can be read (``kind``, found by :func:`detect_kind`):
   torchvision files name two layers differently (:data:`OLDER_TORCHVISION_RULES`); both read.
 - ``"minimask"``: already minimask's names (a ``.npz`` checkpoint, or an exported file read back).
 
+The C4 layout (``r50_c4``, ``r101_c4``) has no torchvision counterpart (torchvision builds no C4
+Mask R-CNN), so it neither loads nor exports a whole torchvision detector. An ImageNet ResNet does
+load into it (``--backbone-weights``): the trunk takes stem..``layer3``, and ``layer4`` goes to
+res5, which is the C4 box head (``roi_heads.head.res5``, :data:`C4_RES5`).
+
 minimask has no keypoint head yet: the keypoint rows of the table are there for a later change,
 and loading Keypoint R-CNN weights into a :class:`~minimask.model.mask_rcnn.MaskRCNN` loads the
 shared parts, keeps the mask head's fresh initialisation, and reports the keypoint keys as not used.
@@ -122,6 +127,10 @@ CLASS_SPECIFIC = (
     "roi_heads.predictor.bbox_pred",
     "mask_head.logits",
 )
+
+# The C4 layout's box head is the ResNet's C5 stage: torchvision's layer4 (minimask's trunk name
+# backbone.stages.3) loads there, block for block.
+C4_RES5 = ("backbone.stages.3.", "roi_heads.head.res5.")
 
 # A detector is Faster R-CNN (backbone, fpn, rpn, roi_heads) plus optional task heads.
 TASK_HEADS = ("mask_head", "keypoint_head")
@@ -349,6 +358,11 @@ def to_torchvision(state: dict) -> dict:
         out[new] = value
         if key.endswith(".running_var"):
             out[new[: -len("running_var")] + "num_batches_tracked"] = np.array(0, dtype=np.int64)
+    if any(k.startswith(C4_RES5[1]) for k in unknown):
+        raise WeightsError(
+            "a C4 layout model has no torchvision counterpart (torchvision builds no C4 Mask "
+            "R-CNN): its weights stay in minimask's checkpoints"
+        )
     if unknown:
         raise WeightsError(f"no torchvision name for {unknown}")
     return out
@@ -393,6 +407,7 @@ def load_weights(model: Module, source, *, backbone_only: bool = False, log=prin
         where, state = "the state dict", {k: to_host(v) for k, v in source.items()}
     renamed, kind, dropped = _to_minimask(state, None)
     own = model.state_dict()  # {name: array}: the shapes and dtypes to fill
+    renamed = _place_res5(renamed, own)
     # num_batches_tracked counters are dropped silently: FrozenBatchNorm2d counts nothing.
     unused = [k for k in dropped if not k.endswith("num_batches_tracked")]
     notes, fresh = [], []
@@ -400,10 +415,11 @@ def load_weights(model: Module, source, *, backbone_only: bool = False, log=prin
         notes.append(f"{', '.join(unused)} dropped: a classifier's last layer, not a detector's")
 
     if backbone_only:
-        others = [k for k in renamed if not k.startswith("backbone.")]
+        resnet = ("backbone.", C4_RES5[1])  # C4: the ResNet's C5 is the box head
+        others = [k for k in renamed if not k.startswith(resnet)]
         unused += others
-        renamed = {k: v for k, v in renamed.items() if k.startswith("backbone.")}
-        fresh += [k for k in own if not k.startswith("backbone.")]
+        renamed = {k: v for k, v in renamed.items() if k.startswith(resnet)}
+        fresh += [k for k in own if not k.startswith(resnet)]
         if others:
             notes.append(f"backbone only: {len(others)} arrays of other parts not used")
     elif kind == "resnet":
@@ -474,6 +490,14 @@ def load_weights(model: Module, source, *, backbone_only: bool = False, log=prin
     for note in notes:
         log(note)
     return report
+
+
+def _place_res5(state: dict, own: dict) -> dict:
+    """For a C4 model (res5 in its box head, no C5 in its trunk), move the weights' C5 there."""
+    trunk, head = C4_RES5
+    if any(k.startswith(trunk) for k in own) or not any(k.startswith(head) for k in own):
+        return state  # an FPN model: C5 stays in the backbone
+    return {head + k[len(trunk) :] if k.startswith(trunk) else k: v for k, v in state.items()}
 
 
 def _differs_in_classes(own: dict, state: dict, key: str) -> bool:

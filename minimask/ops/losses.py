@@ -346,3 +346,48 @@ def mask_loss(mask_logits, labels, mask_targets) -> Tensor:
     _check_labels(labels, mask_logits.shape[1], "mask_loss")
     selected = mask_logits[xp.arange(num_rois), labels]  # (R, M, M)
     return binary_cross_entropy_with_logits(selected, mask_targets)
+
+
+def mask_softmax_loss(mask_logits, labels, mask_targets) -> Tensor:
+    """The "multinomial" mask loss of Mask R-CNN's Table 2b: a per-pixel softmax over the K masks.
+
+    Where :func:`mask_loss` trains only the mask of the RoI's class with a sigmoid, here every
+    pixel is one K-way classification, as in semantic segmentation (FCN): the target class of a
+    pixel is the RoI's class k where the ground-truth mask is 1, and background 0 where it is 0.
+    The K masks compete, so a mask must also decide the class, which the paper found worse
+    (24.8 against 30.3 mask AP on ResNet-50-C4). With ``x`` the (K,) logits of one pixel::
+
+        L_pixel = -log softmax(x)[c],    c = k if target >= 0.5 else 0
+
+    averaged over the R·M·M pixels. The fractional edge pixels of the RoIAligned targets are
+    thresholded at 0.5. Built from :func:`cross_entropy` on the pixels as rows, so the gradient
+    ``softmax(x) - onehot(c)`` reaches every channel (unlike :func:`mask_loss`, where only
+    channel k gets one). At inference the mask of a detection is the softmax probability of its
+    class.
+
+    Args:
+        mask_logits: Tensor (R, K, M, M), raw mask scores of the positive RoIs.
+        labels: integer array (R,), the ground-truth class of each RoI (>= 1).
+        mask_targets: array or Tensor (R, M, M) in [0, 1].
+
+    Returns:
+        A scalar Tensor: the mean over R·M·M pixels, or 0 connected to the graph when R = 0.
+    """
+    num_rois, num_classes = mask_logits.shape[:2]
+    if num_rois == 0:
+        return mask_logits.sum() * 0.0
+    xp = mask_logits.xp
+    labels = _array(labels, xp)
+    if labels.shape != (num_rois,):
+        raise ValueError(
+            f"mask_softmax_loss: labels {labels.shape} for mask_logits {mask_logits.shape}"
+        )
+    _check_labels(labels, num_classes, "mask_softmax_loss")
+    targets = _array(mask_targets, xp)
+    if targets.shape != (num_rois, *mask_logits.shape[2:]):
+        raise ValueError(
+            f"mask_softmax_loss: mask_targets {targets.shape} for mask_logits {mask_logits.shape}"
+        )
+    pixel_classes = xp.where(targets >= 0.5, labels[:, None, None], 0)  # (R, M, M)
+    rows = mask_logits.permute(0, 2, 3, 1).reshape(-1, num_classes)  # (R·M·M, K)
+    return cross_entropy(rows, pixel_classes.reshape(-1).astype(xp.int64))

@@ -14,7 +14,9 @@ does, the scales are inferred from the feature and image heights (rounded to pow
 k_min, k_max are the levels of the first and last feature map given.
 
 Mask R-CNN with FPN (§3, "Network Architecture") pools its box head (7×7) and mask head (14×14)
-this way; the RoIAlign itself is :mod:`minimask.ops.roi_align`.
+this way; the RoIAlign itself is :mod:`minimask.ops.roi_align`. With a single map (the C4 design)
+every RoI pools from it. The op is a choice (:data:`POOL_OPS`): RoIAlign, or Fast R-CNN's RoIPool
+(:mod:`minimask.ops.roi_pool`) for the paper's Table 2c ablation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,20 @@ import numpy as np
 from minimask.backend import get_array_module, to_host
 from minimask.engine.tensor import Function, Tensor
 from minimask.ops.roi_align import as_pair, roi_align_backward, roi_align_forward
+from minimask.ops.roi_pool import roi_pool_backward, roi_pool_forward
+
+
+def _roi_pool_forward(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """RoIPool with RoIAlign's arguments: it has no samples and no half-pixel shift."""
+    return roi_pool_forward(features, rois, output_size, spatial_scale)
+
+
+# The pooling ops a pooler can use, by name: (forward, backward) on plain arrays, with
+# RoIAlign's arguments (features, rois, output_size, spatial_scale, sampling_ratio, aligned).
+POOL_OPS = {
+    "roi_align": (roi_align_forward, roi_align_backward),
+    "roi_pool": (_roi_pool_forward, roi_pool_backward),
+}
 
 
 def infer_scale(feature_size: int, image_size: int) -> float:
@@ -58,7 +74,8 @@ def boxes_to_rois(boxes):
 
 
 class MultiScaleRoIAlignFn(Function):
-    """RoIAlign of each RoI on its own level, as one engine op over the L level maps."""
+    """RoIAlign (or RoIPool, ``op``) of each RoI on its own level, as one engine op over the L
+    level maps."""
 
     def forward(
         self,
@@ -69,7 +86,9 @@ class MultiScaleRoIAlignFn(Function):
         output_size=7,
         sampling_ratio=-1,
         aligned=False,
+        op="roi_align",
     ):
+        pool_forward, self.pool_backward = POOL_OPS[op]
         xp = get_array_module(levels[0])
         C = levels[0].shape[1]
         PH, PW = as_pair(output_size)
@@ -86,7 +105,7 @@ class MultiScaleRoIAlignFn(Function):
                 self.parts.append(None)
                 continue
             index = order_on_device[bounds[k] : bounds[k + 1]]  # (K_k,) this level's RoIs
-            pooled, saved = roi_align_forward(
+            pooled, saved = pool_forward(
                 fmap, rois[index], (PH, PW), scale, sampling_ratio, aligned
             )
             out[index] = pooled
@@ -97,7 +116,7 @@ class MultiScaleRoIAlignFn(Function):
         return tuple(
             None
             if part is None or not self.wants(k)
-            else roi_align_backward(grad[part[0]], part[1])
+            else self.pool_backward(grad[part[0]], part[1])
             for k, part in enumerate(self.parts)
         )
 
@@ -111,6 +130,7 @@ def multiscale_roi_align(
     aligned: bool = False,
     canonical_scale: int = 224,
     canonical_level: int = 4,
+    op: str = "roi_align",
 ) -> Tensor:
     """Pool every RoI from the level of its size and return the results in RoI order.
 
@@ -119,10 +139,13 @@ def multiscale_roi_align(
         rois: (K, 5) rows ``[n, x1, y1, x2, y2]`` in image pixels.
         scales: L spatial scales (``1 / stride``), powers of two.
         output_size, sampling_ratio, aligned: as :func:`minimask.ops.roi_align.roi_align`.
+        op: ``"roi_align"`` or ``"roi_pool"`` (which ignores ``sampling_ratio`` and ``aligned``).
 
     Returns:
         (K, C, PH, PW).
     """
+    if op not in POOL_OPS:
+        raise ValueError(f"pooling op {op!r}; use one of {', '.join(POOL_OPS)}")
     rois = rois.data if isinstance(rois, Tensor) else rois
     xp = get_array_module(features[0].data)
     rois = xp.asarray(rois)
@@ -139,6 +162,7 @@ def multiscale_roi_align(
         output_size=output_size,
         sampling_ratio=sampling_ratio,
         aligned=aligned,
+        op=op,
     )
 
 
@@ -149,6 +173,8 @@ class MultiScaleRoIAlign:
 
         pooler = MultiScaleRoIAlign(output_size=7, sampling_ratio=2)
         pooled = pooler([p2, p3, p4, p5], [boxes_0, boxes_1], [(800, 1216), (800, 1216)])
+
+    ``op="roi_pool"`` pools with Fast R-CNN's RoIPool instead (same levels, same scales).
     """
 
     def __init__(
@@ -158,7 +184,11 @@ class MultiScaleRoIAlign:
         canonical_scale=224,
         canonical_level=4,
         aligned: bool = False,
+        op: str = "roi_align",
     ):
+        if op not in POOL_OPS:
+            raise ValueError(f"pooling op {op!r}; use one of {', '.join(POOL_OPS)}")
+        self.op = op  # "roi_align" (Mask R-CNN) or "roi_pool" (Fast R-CNN)
         self.output_size = as_pair(output_size)
         self.sampling_ratio = sampling_ratio  # samples per bin and axis; <= 0: adaptive
         self.canonical_scale = canonical_scale  # a box of this side goes to canonical_level
@@ -185,4 +215,5 @@ class MultiScaleRoIAlign:
             self.aligned,
             self.canonical_scale,
             self.canonical_level,
+            self.op,
         )
