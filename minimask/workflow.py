@@ -29,7 +29,7 @@ import numpy as np
 
 from minimask.backend import check_device
 from minimask.data.coco import BadImageError, CocoBatches, CocoDataset, DataProblems
-from minimask.data.shapes import CLASSES, ShapesDataset, shapes_batches
+from minimask.data.shapes import CLASSES, ShapesConfig, ShapesDataset, shapes_batches
 from minimask.engine import no_grad
 from minimask.evaluate import (
     STAT_NAMES,
@@ -64,8 +64,11 @@ class ShapesData:
 
     name = "shapes"
 
-    def __init__(self, val_images: int = 100, val_seed: int = 0):
+    def __init__(self, val_images: int = 100, val_seed: int = 0,
+                 shapes: ShapesConfig | None = None):  # fmt: skip
+        """``shapes``: the generator's settings (object sizes, counts) for both splits."""
         self.val_images, self.val_seed = val_images, val_seed
+        self.shapes = shapes or ShapesConfig()
 
     def model_config(self, preset: str, min_size=None, max_size=None,
                      pretrained: bool = False) -> MaskRCNNConfig:  # fmt: skip
@@ -77,10 +80,10 @@ class ShapesData:
                 "category_ids": list(range(1, len(CLASSES)))}  # fmt: skip
 
     def train_batches(self, seed: int, batch_size: int):
-        return shapes_batches(seed, batch_size)
+        return shapes_batches(seed, batch_size, self.shapes)
 
     def eval_set(self, meta: dict) -> EvalSet:
-        samples = list(ShapesDataset(self.val_images, seed=self.val_seed))
+        samples = list(ShapesDataset(self.val_images, seed=self.val_seed, config=self.shapes))
         gt = ground_truth_coco(samples, CLASSES)
         return EvalSet(samples.__getitem__, len(samples), gt, range(1, len(CLASSES)), "shapes")
 

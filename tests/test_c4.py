@@ -102,6 +102,36 @@ def test_every_head_has_the_layout_shapes_in_training_and_inference(preset):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_c4"])
+def test_a_model_that_detects_nothing_returns_empty_detections(preset):
+    """No detection above the threshold: the C4 mask branch runs res5 on zero RoIs."""
+    model = small_model(preset, box_score_thresh=1.0)
+    model.eval()
+    out = detections_to_host(model([s["image"] for s in samples()]))
+    for det in out:
+        assert det["boxes"].shape == (0, 4) and det["masks"].shape == (0, 64, 64)
+
+
+def test_the_c5_layout_runs_rpn_and_heads_on_c5_at_stride_32():
+    """Table 2d's ablation: one stride-32 map for the RPN and the FPN layout's two heads."""
+    model = small_model("tiny", layout="c5", anchor_sizes=(16, 32, 64))
+    batch = samples()
+    x, sizes, _, targets = model.preprocess([s["image"] for s in batch], batch)
+    padded = tuple(x.shape[-2:])  # (64, 64)
+    rpn_features, head_features = model.features(x)
+    assert [f.shape for f in rpn_features] == [(2, 128, 2, 2)] == [f.shape for f in head_features]
+    logits, _ = model.rpn.head(rpn_features)
+    assert logits.shape == (2, 2 * 2 * 3 * 3)
+    proposals, _ = model.rpn(rpn_features, sizes, padded, targets)
+    losses = model.detector_losses(head_features, proposals, sizes, padded, targets)
+    assert set(losses) == set(LOSSES[2:]) and all(np.isfinite(v.item()) for v in losses.values())
+    assert model.mask_head.pooler.scales(head_features, [padded]) == [1 / 32]
+    assert [type(m).__name__ for m in model.shared_modules()] == ["ResNet"]
+    model.eval()
+    out = detections_to_host(model([s["image"] for s in batch]))
+    assert all(o["masks"].shape[1:] == (64, 64) for o in out)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_c4"])
 def test_the_module_groups_of_alternating_training_cover_the_model_once(preset):
     model = small_model(preset)
     groups = [model.shared_modules(), model.rpn_modules(), model.detector_modules()]
@@ -390,7 +420,7 @@ def test_softmax_masks_paste_the_softmax_probability_of_the_class():
 
 
 def test_config_refuses_bad_switch_values():
-    for field, value in [("layout", "c5"), ("pooler", "roi_warp"), ("mask_head", "cnn"),
+    for field, value in [("layout", "c3"), ("pooler", "roi_warp"), ("mask_head", "cnn"),
                          ("mask_loss", "hinge")]:  # fmt: skip
         with pytest.raises(ValueError, match=f"config {field}='{value}'; use one of"):
             get_config("tiny", **{field: value})

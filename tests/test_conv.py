@@ -267,6 +267,18 @@ def test_conv2d_kernel_larger_than_the_image():
     check_gradients(lambda a, b: conv2d(a, b, padding=2), x, w)
 
 
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (1, 1), (1, 2), (7, 2)])
+def test_conv2d_on_an_empty_batch(kernel, stride):
+    """A head given no RoIs convolves a (0, C, H, W) batch: empty output, zero weight grad."""
+    x = np.zeros((0, 3, 14, 14))
+    w = np.random.default_rng(0).standard_normal((4, 3, kernel, kernel))
+    out, saved = conv2d_forward(x, w, stride=stride, padding=kernel // 2)
+    size = (14 + 2 * (kernel // 2) - kernel) // stride + 1
+    assert out.shape == (0, 4, size, size)
+    grad_x, grad_w = conv2d_backward(np.zeros_like(out), saved)
+    assert grad_x.shape == x.shape and grad_w.shape == w.shape and not grad_w.any()
+
+
 def test_conv2d_batch_of_one_and_padding_larger_than_the_kernel_reach():
     rng = np.random.default_rng(4)
     x, w = rng.standard_normal((1, 2, 4, 3)), rng.standard_normal((2, 2, 1, 3))

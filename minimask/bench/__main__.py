@@ -19,8 +19,9 @@ SUITES = {
     "contention": "minimask.bench.contention",  # two trainings at once vs one alone
     "parity": "minimask.bench.parity",  # R50-FPN vs torchvision's, stage by stage, same weights
     "gpu": "minimask.bench.gpu",  # minimask on CuPy vs torch on CUDA: ops, train steps, memory
+    "ablations": "minimask.bench.ablations",  # the paper's Table 2 switches, trained on shapes
 }
-WITH_OPTIONS = ("train", "real", "profile", "contention", "parity")  # see their --help
+WITH_OPTIONS = ("train", "real", "profile", "contention", "parity", "ablations")  # see their --help
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 # The allowed values of the string switches (checked in MaskRCNNConfig.__post_init__).
 CHOICES = {
-    "layout": ("fpn", "c4"),
+    "layout": ("fpn", "c4", "c5"),
     "block": ("basic", "bottleneck"),
     "norm": ("frozen_bn", "group_norm"),
     "pooler": ("roi_align", "roi_pool"),
@@ -41,6 +41,8 @@ class MaskRCNNConfig:
     # pooled box_pool_size² (14x14) from C4; ResNet's C5 stage ("res5", first block stride 2)
     # is the box head, global-average pooled into the box predictor; the mask branch upsamples
     # res5's 7x7 output with a 2x deconv to a 14x14 mask (Fig. 4 left; Faster R-CNN on ResNet).
+    # "c5": the ablation of Table 2d: the whole ResNet, the RPN and both heads on C5 alone
+    # (stride 32, every anchor size at one level), with the FPN layout's heads (Fig. 4 right).
     # minimask.model.mask_rcnn.build_layout is the one place that reads it.
 
     # ---------------------------------------------------------------- data

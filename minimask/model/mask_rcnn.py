@@ -68,8 +68,15 @@ def build_layout(model: MaskRCNN, config: MaskRCNNConfig) -> None:
         model.mask_head = MASK_HEADS[config.mask_head](
             config, res5.out_channels, roi_features=model.roi_heads.box_features
         )
+    elif config.layout == "c5":  # Table 2d's ablation: stride 32, the FPN layout's heads
+        model.backbone = ResNet(config)
+        c5 = model.backbone.out_channels[-1]
+        anchors = AnchorGenerator.c4(config.anchor_sizes, config.aspect_ratios)  # one level
+        model.rpn = RPN(config, c5, anchors)
+        model.roi_heads = RoIHeads(config, c5)
+        model.mask_head = MASK_HEADS[config.mask_head](config, c5)
     else:  # the config refuses other values; this guards a config built around its check
-        raise ValueError(f"config.layout={config.layout!r}; use 'fpn' or 'c4'")
+        raise ValueError(f"config.layout={config.layout!r}; use 'fpn', 'c4' or 'c5'")
 
 
 class MaskRCNN(Module):
@@ -82,7 +89,7 @@ class MaskRCNN(Module):
     # What 4-step alternating training shares and trains in turn (Faster R-CNN §3.2).
     def shared_modules(self) -> list[Module]:
         """The feature extractor the RPN and the detector share: [backbone, fpn] (FPN), or
-        [the ResNet trunk up to C4] (C4)."""
+        [the ResNet trunk up to C4] (C4), [the ResNet] (C5)."""
         return [self.backbone, self.fpn] if self.config.layout == "fpn" else [self.backbone]
 
     def rpn_modules(self) -> list[Module]:
@@ -145,11 +152,12 @@ class MaskRCNN(Module):
     def features(self, x):
         """The backbone on a preprocessed batch: ``(rpn_features, head_features)``.
 
-        FPN: the RPN sees [P2..P6] and the heads pool from [P2..P5]. C4: both see [C4].
+        FPN: the RPN sees [P2..P6] and the heads pool from [P2..P5]. C4 (C5): both see [C4]
+        ([C5]).
         """
-        if self.config.layout == "c4":
-            c4 = self.backbone(x)[-1]  # (N, c4, H/16, W/16)
-            return [c4], [c4]
+        if self.config.layout in ("c4", "c5"):  # one map: C4 (N, c4, H/16, W/16) or C5 (H/32)
+            top = self.backbone(x)[-1]
+            return [top], [top]
         features = self.fpn(self.backbone(x))  # [P2, P3, P4, P5, P6]
         return features, features[:4]
 

@@ -314,6 +314,8 @@ def conv2d_forward(x, w, stride=1, padding=0, dilation=1):
     xp = get_array_module(x, w)
     geo = conv_geometry(x.shape, w.shape, stride, padding, dilation)
     (N, C, _, _), O, (Ho, Wo) = x.shape, w.shape[0], geo.out_size
+    if N == 0:  # no images (a head given no RoIs): an empty output, and no GEMM to plan
+        return xp.zeros((0, O, Ho, Wo), dtype=x.dtype), ConvSaved(x, w, geo)
     if _is_pointwise(geo):  # a 1x1 conv is a matmul over channels
         out = xp.matmul(w.reshape(O, C), _pixels_seen(x, geo))  # (N, O, Ho*Wo)
         return out.reshape(N, O, Ho, Wo), ConvSaved(x, w, geo)
@@ -339,6 +341,9 @@ def conv2d_backward(grad_out, saved: ConvSaved, need_x: bool = True, need_w: boo
     xp = get_array_module(grad_out)
     geo, w = saved.geo, saved.weight
     (N, C, H, W), (O, _, kh, kw), (Ho, Wo) = geo.x_shape, w.shape, geo.out_size
+    if N == 0:  # no images: zero gradients of the right shapes
+        grad_x = xp.zeros(geo.x_shape, grad_out.dtype) if need_x else None
+        return grad_x, (xp.zeros(w.shape, grad_out.dtype) if need_w else None)
     if _is_pointwise(geo):
         g = grad_out.reshape(N, O, Ho * Wo)  # (N, O, Ho*Wo)
         grad_w = grad_x = None
