@@ -45,7 +45,7 @@ TIMES = REPO / "build" / "lesson_times.json"
 MAX_BYTES = 1_000_000  # a committed notebook, outputs included
 EXERCISE = re.compile(r"\*\*Exercise\s+(\d+)\.\*\*")
 # Markdown smuggled into a code cell's comments: a heading or an exercise's prompt.
-MARKDOWN_IN_COMMENTS = re.compile(r"^#\s*(#+\s|\*\*Exercise)", re.M)
+MARKDOWN_IN_COMMENTS = re.compile(r"^(?!### (BEGIN|END) SOLUTION)#\s*(#+\s|\*\*Exercise)", re.M)
 
 
 def _ids(path: Path) -> str:
