@@ -130,6 +130,11 @@ def test_lesson_has_summary_and_marked_up_exercises_in_markdown(path: Path):
         if cell.cell_type == "code":
             hidden = MARKDOWN_IN_COMMENTS.search(cell.source)
             assert not hidden, f"{path.name}, cell {i}: markdown in comments: {hidden.group(0)!r}"
+            if re.search(r"^\s*(import ipywidgets|from ipywidgets)", cell.source, re.M):
+                # Headless runs and plain installs have no widgets: the cell must say so, not fail.
+                assert re.search(r"^try:\n\s+(import|from) ipywidgets", cell.source, re.M) and (
+                    "except ImportError" in cell.source
+                ), f"{path.name}, cell {i}: import ipywidgets inside try/except ImportError"
     headings = [c.source for c in cells if c.cell_type == "markdown"]
     for title in ("Summary", "Exercises"):
         assert any(re.search(rf"^##\s+{title}\s*$", h, re.M) for h in headings), (
