@@ -21,6 +21,26 @@ def colour(k: int) -> np.ndarray:
     return np.asarray(matplotlib.colormaps["tab10"](k % 10)[:3])
 
 
+def cell_extent(grid_size, stride) -> tuple[float, float, float, float]:
+    """``imshow``'s extent for a per-cell map of one feature level, in image pixels.
+
+    ``grid_anchors`` centres cell ``(y, x)``'s anchors on pixel ``(x * stride_x, y * stride_y)``
+    (``minimask/ops/anchors.py``), so the drawn cell must be centred there too: it spans half a
+    stride on either side. ``extent=(0, W * stride, H * stride, 0)`` would draw every cell half
+    a cell off, down and to the right.
+
+    Args:
+        grid_size: ``(H, W)`` cells of the level.
+        stride: ``(stride_y, stride_x)``, or one int for both, in image pixels per cell.
+
+    Returns:
+        ``(left, right, bottom, top)`` for ``ax.imshow(values, extent=...)`` on y-down axes.
+    """
+    h, w = grid_size
+    sy, sx = (stride, stride) if np.ndim(stride) == 0 else stride
+    return (-sx / 2, (w - 0.5) * sx, (h - 0.5) * sy, -sy / 2)
+
+
 def draw_detections(ax, image, detections: dict, class_names, score_thresh: float = 0.5,
                     alpha: float = 0.45, title: str | None = None):  # fmt: skip
     """Draw ``image`` (3, H, W) or (H, W, 3) in [0, 1] with its detections on a matplotlib axis.

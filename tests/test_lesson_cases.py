@@ -7,18 +7,47 @@ so that one no longer holds, the lesson's text is wrong too. The lessons themsel
 
 from __future__ import annotations
 
+import matplotlib.figure
 import numpy as np
 import pytest
 
 from minimask.engine import Tensor
 from minimask.evaluate import coco_evaluate, detections_to_results, ground_truth_coco
 from minimask.nn import Parameter, clip_grad_norm
+from minimask.ops.anchors import base_anchors, grid_anchors
 from minimask.ops.boxes import box_iou
 from minimask.ops.losses import fastrcnn_loss, mask_loss
 from minimask.ops.nms import nms
 from minimask.ops.roi_align import roi_align_backward, roi_align_forward, roi_weights
 from minimask.ops.roi_pool import roi_bins, roi_pool_forward
 from minimask.train import TrainConfig, make_schedule
+from minimask.visualize import cell_extent
+
+
+# ------------------------------------------------------------- lessons 04-05: per-cell overlays
+@pytest.mark.parametrize("grid, stride", [((16, 16), 8), ((4, 6), 32), ((3, 5), (16, 8))])
+def test_each_anchor_centre_is_the_middle_of_its_drawn_cell(grid, stride):
+    """The overlays of lessons 4 and 5 draw one value per cell with ``cell_extent``."""
+    pair = (stride, stride) if np.ndim(stride) == 0 else stride
+    anchors = grid_anchors(base_anchors((32,), (0.5, 1.0, 2.0)), grid, pair)  # (H*W*3, 4)
+    centres = ((anchors[:, :2] + anchors[:, 2:]) / 2).reshape(grid[0], grid[1], 3, 2)
+    values = np.zeros(grid)
+    fig = matplotlib.figure.Figure()
+    image = fig.add_subplot().imshow(values, extent=cell_extent(grid, stride))
+    left, right, bottom, top = image.get_extent()
+    width, height = (right - left) / grid[1], (bottom - top) / grid[0]  # one drawn cell
+    middle_x = left + (np.arange(grid[1]) + 0.5) * width  # (W,)
+    middle_y = top + (np.arange(grid[0]) + 0.5) * height  # (H,)
+    np.testing.assert_allclose(
+        centres[..., 0], np.broadcast_to(middle_x[None, :, None], grid + (3,))
+    )
+    np.testing.assert_allclose(
+        centres[..., 1], np.broadcast_to(middle_y[:, None, None], grid + (3,))
+    )
+    assert (width, height) == (pair[1], pair[0])  # and a drawn cell is one stride wide
+    # The old extent, (0, W * stride, H * stride, 0), puts each anchor centre on a cell corner.
+    assert middle_x[0] - width / 2 == -pair[1] / 2
+
 
 # ---------------------------------------------------------------------------- lesson 06: NMS
 SIX_BOXES = np.array(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -43,6 +44,11 @@ NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
 TIME_LIMIT_S = 90  # per notebook, top to bottom, on a 2-core CPU
 TIMES = REPO / "build" / "lesson_times.json"
 MAX_BYTES = 1_000_000  # a committed notebook, outputs included
+# The kernel imports this checkout's minimask, whatever the environment has installed.
+KERNEL_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
 EXERCISE = re.compile(r"\*\*Exercise\s+(\d+)\.\*\*")
 # Markdown smuggled into a code cell's comments: a heading or an exercise's prompt.
 MARKDOWN_IN_COMMENTS = re.compile(r"^(?!### (BEGIN|END) SOLUTION)#\s*(#+\s|\*\*Exercise)", re.M)
@@ -76,7 +82,7 @@ def test_lesson_runs_with_answers_and_its_checks_fail_on_the_stubs(path: Path, r
     start = time.monotonic()
     try:
         client.reset_execution_trackers()
-        with client.setup_kernel():
+        with client.setup_kernel(env=KERNEL_ENV):
             for index, cell in enumerate(notebook.cells):
                 if index in pairs:  # the student's edition first: stub, then its check
                     stub = copy.deepcopy(cell)
