@@ -42,12 +42,14 @@ def cell_extent(grid_size, stride) -> tuple[float, float, float, float]:
 
 
 def draw_detections(ax, image, detections: dict, class_names, score_thresh: float = 0.5,
-                    alpha: float = 0.45, title: str | None = None):  # fmt: skip
+                    alpha: float = 0.45, title: str | None = None,
+                    by_class: bool = False):  # fmt: skip
     """Draw ``image`` (3, H, W) or (H, W, 3) in [0, 1] with its detections on a matplotlib axis.
 
     ``detections`` holds ``boxes`` (D, 4) (x1, y1, x2, y2), ``labels`` (D,), optionally
     ``scores`` (D,) (ground truth has none) and ``masks`` (D, H, W); detections scoring below
-    ``score_thresh`` are skipped.
+    ``score_thresh`` are skipped. Each detection gets its own colour, or with ``by_class`` one
+    colour per class (``colour(label)``), so that a class reads the same in every panel.
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3 and image.shape[0] == 3:
@@ -58,14 +60,14 @@ def draw_detections(ax, image, detections: dict, class_names, score_thresh: floa
     scores = detections.get("scores")
     masks = detections.get("masks")
     shown = [i for i in range(len(boxes)) if scores is None or scores[i] >= score_thresh]
-    for n, i in enumerate(shown):  # blend masks first, so boxes and text stay on top
+    colours = [colour(int(labels[i]) if by_class else n) for n, i in enumerate(shown)]
+    for c, i in zip(colours, shown):  # blend masks first, so boxes and text stay on top
         if masks is not None:
             m = np.asarray(masks[i]).astype(bool)
-            canvas[m] = (1 - alpha) * canvas[m] + alpha * colour(n)
+            canvas[m] = (1 - alpha) * canvas[m] + alpha * c
     ax.imshow(np.clip(canvas, 0, 1))
-    for n, i in enumerate(shown):
+    for c, i in zip(colours, shown):
         x1, y1, x2, y2 = boxes[i]
-        c = colour(n)
         ax.add_patch(_rectangle((x1, y1), x2 - x1, y2 - y1, c))
         name = class_names[int(labels[i])] if int(labels[i]) < len(class_names) else labels[i]
         text = f"{name}" if scores is None else f"{name} {float(scores[i]):.2f}"

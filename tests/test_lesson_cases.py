@@ -21,7 +21,7 @@ from minimask.ops.nms import nms
 from minimask.ops.roi_align import roi_align_backward, roi_align_forward, roi_weights
 from minimask.ops.roi_pool import roi_bins, roi_pool_forward
 from minimask.train import TrainConfig, make_schedule
-from minimask.visualize import cell_extent
+from minimask.visualize import cell_extent, draw_detections
 
 
 # ------------------------------------------------------------- lessons 04-05: per-cell overlays
@@ -228,3 +228,19 @@ def test_ap_rises_when_a_confident_false_positive_drops():  # exercise 2
     scores[3] = 0.1  # the background box d3 falls to the end of the list
     # TP at ranks 0, 1, 3, 4, 9: precision 1 to recall 0.4, 4/5 to 0.8, 5/10 to 1
     assert _bbox_metrics(scores)["AP50"] == pytest.approx((41 + 40 * 4 / 5 + 20 * 5 / 10) / 101)
+
+
+# ---------------------------------------------------------------------------- lesson 09: colours
+def test_draw_detections_by_class_gives_each_class_one_colour():
+    masks = np.zeros((3, 20, 40), np.uint8)
+    masks[0, :, :10], masks[1, :, 15:25], masks[2, :, 30:] = 1, 1, 1
+    boxes = np.array([[0, 0, 10, 20], [15, 0, 25, 20], [30, 0, 40, 20]], np.float32)
+    detections = {"boxes": boxes, "labels": np.array([2, 1, 2]), "masks": masks}
+    axes = matplotlib.figure.Figure().subplots(1, 2)
+    for ax, by_class in zip(axes, (True, False)):
+        draw_detections(ax, np.zeros((3, 20, 40), np.float32), detections, ("bg", "a", "b"),
+                        by_class=by_class)  # fmt: skip
+    by_class, by_detection = (np.asarray(ax.images[0].get_array()) for ax in axes)
+    assert np.allclose(by_class[5, 5], by_class[5, 35])  # the two class-2 masks: one colour
+    assert not np.allclose(by_class[5, 5], by_class[5, 20])  # class 1: another
+    assert not np.allclose(by_detection[5, 5], by_detection[5, 35])  # default: one per detection
