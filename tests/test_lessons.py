@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -167,6 +168,16 @@ def test_lesson_has_summary_and_marked_up_exercises_in_markdown(path: Path):
     later = [int(n) for c in cells[previous:] if c.cell_type == "markdown"
              for n in EXERCISE.findall(c.source)]  # fmt: skip
     assert not later, f"{path.name}: Exercise {later} has no marked-up solution cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_widget_cells_say_so_and_run_without_ipywidgets(path: Path, monkeypatch, capsys):
+    notebook = nbformat.read(path, as_version=4)
+    cells = [c.source for c in notebook.cells if c.cell_type == "code" and "ipywidgets" in c.source]
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # now `import ipywidgets` raises
+    for source in cells:
+        exec(compile(source, path.name, "exec"), {})  # the cell alone: it must need nothing else
+        assert "ipywidgets is not installed" in capsys.readouterr().out, path.name
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
