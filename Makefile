@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint lessons bench gpu-check docs serve browser clean
+.PHONY: demo test lint lessons lessons-open student bench gpu-check docs serve browser clean
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,22 @@ lint: $(VENV)/.dev
 lessons: $(VENV)/.dev
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=120 --ExecutePreprocessor.record_timing=False lessons/*.ipynb
+
+# JupyterLab on the lessons, in the project's environment (the `lessons` extra: jupyterlab and
+# ipywidgets, for the sliders of lessons 3, 4 and 7).
+$(VENV)/.lessons: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[lessons]'
+	touch $(VENV)/.runtime $@
+
+lessons-open: $(VENV)/.lessons
+	$(VENV)/bin/jupyter lab lessons/
+
+# The student edition: every solution replaced by `raise NotImplementedError()`, answers' outputs
+# cleared (minimask/lessons_tool.py), written to build/student/.
+student: $(VENV)/.runtime
+	$(PY) -m minimask.lessons_tool student lessons build/student
 
 bench: $(VENV)/.dev
 	$(PY) -m minimask.bench conv

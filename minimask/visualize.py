@@ -21,13 +21,35 @@ def colour(k: int) -> np.ndarray:
     return np.asarray(matplotlib.colormaps["tab10"](k % 10)[:3])
 
 
+def cell_extent(grid_size, stride) -> tuple[float, float, float, float]:
+    """``imshow``'s extent for a per-cell map of one feature level, in image pixels.
+
+    ``grid_anchors`` centres cell ``(y, x)``'s anchors on pixel ``(x * stride_x, y * stride_y)``
+    (``minimask/ops/anchors.py``), so the drawn cell must be centred there too: it spans half a
+    stride on either side. ``extent=(0, W * stride, H * stride, 0)`` would draw every cell half
+    a cell off, down and to the right.
+
+    Args:
+        grid_size: ``(H, W)`` cells of the level.
+        stride: ``(stride_y, stride_x)``, or one int for both, in image pixels per cell.
+
+    Returns:
+        ``(left, right, bottom, top)`` for ``ax.imshow(values, extent=...)`` on y-down axes.
+    """
+    h, w = grid_size
+    sy, sx = (stride, stride) if np.ndim(stride) == 0 else stride
+    return (-sx / 2, (w - 0.5) * sx, (h - 0.5) * sy, -sy / 2)
+
+
 def draw_detections(ax, image, detections: dict, class_names, score_thresh: float = 0.5,
-                    alpha: float = 0.45, title: str | None = None):  # fmt: skip
+                    alpha: float = 0.45, title: str | None = None,
+                    by_class: bool = False):  # fmt: skip
     """Draw ``image`` (3, H, W) or (H, W, 3) in [0, 1] with its detections on a matplotlib axis.
 
     ``detections`` holds ``boxes`` (D, 4) (x1, y1, x2, y2), ``labels`` (D,), optionally
     ``scores`` (D,) (ground truth has none) and ``masks`` (D, H, W); detections scoring below
-    ``score_thresh`` are skipped.
+    ``score_thresh`` are skipped. Each detection gets its own colour, or with ``by_class`` one
+    colour per class (``colour(label)``), so that a class reads the same in every panel.
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3 and image.shape[0] == 3:
@@ -38,14 +60,14 @@ def draw_detections(ax, image, detections: dict, class_names, score_thresh: floa
     scores = detections.get("scores")
     masks = detections.get("masks")
     shown = [i for i in range(len(boxes)) if scores is None or scores[i] >= score_thresh]
-    for n, i in enumerate(shown):  # blend masks first, so boxes and text stay on top
+    colours = [colour(int(labels[i]) if by_class else n) for n, i in enumerate(shown)]
+    for c, i in zip(colours, shown):  # blend masks first, so boxes and text stay on top
         if masks is not None:
             m = np.asarray(masks[i]).astype(bool)
-            canvas[m] = (1 - alpha) * canvas[m] + alpha * colour(n)
+            canvas[m] = (1 - alpha) * canvas[m] + alpha * c
     ax.imshow(np.clip(canvas, 0, 1))
-    for n, i in enumerate(shown):
+    for c, i in zip(colours, shown):
         x1, y1, x2, y2 = boxes[i]
-        c = colour(n)
         ax.add_patch(_rectangle((x1, y1), x2 - x1, y2 - y1, c))
         name = class_names[int(labels[i])] if int(labels[i]) < len(class_names) else labels[i]
         text = f"{name}" if scores is None else f"{name} {float(scores[i]):.2f}"

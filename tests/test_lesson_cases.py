@@ -7,18 +7,47 @@ so that one no longer holds, the lesson's text is wrong too. The lessons themsel
 
 from __future__ import annotations
 
+import matplotlib.figure
 import numpy as np
 import pytest
 
 from minimask.engine import Tensor
 from minimask.evaluate import coco_evaluate, detections_to_results, ground_truth_coco
 from minimask.nn import Parameter, clip_grad_norm
+from minimask.ops.anchors import base_anchors, grid_anchors
 from minimask.ops.boxes import box_iou
 from minimask.ops.losses import fastrcnn_loss, mask_loss
 from minimask.ops.nms import nms
 from minimask.ops.roi_align import roi_align_backward, roi_align_forward, roi_weights
 from minimask.ops.roi_pool import roi_bins, roi_pool_forward
 from minimask.train import TrainConfig, make_schedule
+from minimask.visualize import cell_extent, draw_detections
+
+
+# ------------------------------------------------------------- lessons 04-05: per-cell overlays
+@pytest.mark.parametrize("grid, stride", [((16, 16), 8), ((4, 6), 32), ((3, 5), (16, 8))])
+def test_each_anchor_centre_is_the_middle_of_its_drawn_cell(grid, stride):
+    """The overlays of lessons 4 and 5 draw one value per cell with ``cell_extent``."""
+    pair = (stride, stride) if np.ndim(stride) == 0 else stride
+    anchors = grid_anchors(base_anchors((32,), (0.5, 1.0, 2.0)), grid, pair)  # (H*W*3, 4)
+    centres = ((anchors[:, :2] + anchors[:, 2:]) / 2).reshape(grid[0], grid[1], 3, 2)
+    values = np.zeros(grid)
+    fig = matplotlib.figure.Figure()
+    image = fig.add_subplot().imshow(values, extent=cell_extent(grid, stride))
+    left, right, bottom, top = image.get_extent()
+    width, height = (right - left) / grid[1], (bottom - top) / grid[0]  # one drawn cell
+    middle_x = left + (np.arange(grid[1]) + 0.5) * width  # (W,)
+    middle_y = top + (np.arange(grid[0]) + 0.5) * height  # (H,)
+    np.testing.assert_allclose(
+        centres[..., 0], np.broadcast_to(middle_x[None, :, None], grid + (3,))
+    )
+    np.testing.assert_allclose(
+        centres[..., 1], np.broadcast_to(middle_y[:, None, None], grid + (3,))
+    )
+    assert (width, height) == (pair[1], pair[0])  # and a drawn cell is one stride wide
+    # The old extent, (0, W * stride, H * stride, 0), puts each anchor centre on a cell corner.
+    assert middle_x[0] - width / 2 == -pair[1] / 2
+
 
 # ---------------------------------------------------------------------------- lesson 06: NMS
 SIX_BOXES = np.array(
@@ -199,3 +228,19 @@ def test_ap_rises_when_a_confident_false_positive_drops():  # exercise 2
     scores[3] = 0.1  # the background box d3 falls to the end of the list
     # TP at ranks 0, 1, 3, 4, 9: precision 1 to recall 0.4, 4/5 to 0.8, 5/10 to 1
     assert _bbox_metrics(scores)["AP50"] == pytest.approx((41 + 40 * 4 / 5 + 20 * 5 / 10) / 101)
+
+
+# ---------------------------------------------------------------------------- lesson 09: colours
+def test_draw_detections_by_class_gives_each_class_one_colour():
+    masks = np.zeros((3, 20, 40), np.uint8)
+    masks[0, :, :10], masks[1, :, 15:25], masks[2, :, 30:] = 1, 1, 1
+    boxes = np.array([[0, 0, 10, 20], [15, 0, 25, 20], [30, 0, 40, 20]], np.float32)
+    detections = {"boxes": boxes, "labels": np.array([2, 1, 2]), "masks": masks}
+    axes = matplotlib.figure.Figure().subplots(1, 2)
+    for ax, by_class in zip(axes, (True, False)):
+        draw_detections(ax, np.zeros((3, 20, 40), np.float32), detections, ("bg", "a", "b"),
+                        by_class=by_class)  # fmt: skip
+    by_class, by_detection = (np.asarray(ax.images[0].get_array()) for ax in axes)
+    assert np.allclose(by_class[5, 5], by_class[5, 35])  # the two class-2 masks: one colour
+    assert not np.allclose(by_class[5, 5], by_class[5, 20])  # class 1: another
+    assert not np.allclose(by_detection[5, 5], by_detection[5, 35])  # default: one per detection
