@@ -8,7 +8,11 @@ Presets:
 
 - ``tiny``: a CPU-sized model for the synthetic shapes (a small ResNet with basic blocks, a
   64-channel FPN, 128-pixel images, small anchors);
-- ``r50_fpn``: the dimensions of torchvision's ``maskrcnn_resnet50_fpn``, layer for layer.
+- ``r50_fpn``: the dimensions of torchvision's ``maskrcnn_resnet50_fpn``, layer for layer;
+- ``r50_fpn_keypoints``: torchvision's ``keypointrcnn_resnet50_fpn`` (box and keypoint heads, no
+  mask head; Mask R-CNN §5);
+- ``tiny_keypoints``: ``tiny`` with a small keypoint head and no mask head, for the synthetic
+  stick figures (:mod:`minimask.data.figures`).
 """
 
 from __future__ import annotations
@@ -77,6 +81,13 @@ class MaskRCNNConfig:
     mask_conv_channels: tuple[int, ...] = (256, 256, 256, 256)  # the four 3x3 convs
     mask_threshold: float = 0.5  # paste: a pixel is in the mask when its probability >= this
     # (the mask head's output size, 28 = 2 x mask_pool_size, follows from the layers)
+    mask_head: bool = True  # False: no mask branch (torchvision's Keypoint R-CNN has none)
+
+    # ---------------------------------------------------------------- keypoint head (§5)
+    num_keypoints: int = 0  # K keypoints per instance; 0: no keypoint head (COCO persons: 17)
+    keypoint_pool_size: int = 14  # RoIAlign output for the keypoint head, 14x14
+    keypoint_conv_channels: tuple[int, ...] = (512,) * 8  # the eight 3x3 convs (torchvision's)
+    # (the heatmaps are 56x56: a 4x4 stride-2 deconvolution to 28x28, then 2x bilinear upsampling)
 
     def replace(self, **changes) -> MaskRCNNConfig:
         """A copy with some fields changed (the config itself is frozen)."""
@@ -117,11 +128,32 @@ def tiny(num_classes: int = 4) -> MaskRCNNConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "r50_fpn": r50_fpn}
+def r50_fpn_keypoints(num_classes: int = 2, num_keypoints: int = 17) -> MaskRCNNConfig:
+    """torchvision's ``keypointrcnn_resnet50_fpn``: persons (and background), 17 COCO keypoints,
+    no mask head. (torchvision trains it at shorter sides 640..800; it predicts at 800.)"""
+    return MaskRCNNConfig(num_classes=num_classes, num_keypoints=num_keypoints, mask_head=False)
+
+
+def tiny_keypoints(num_classes: int = 2, num_keypoints: int = 7) -> MaskRCNNConfig:
+    """``tiny`` with a four-conv, 64-channel keypoint head and no mask head: stick figures of
+    7 joints (:mod:`minimask.data.figures`) on a 2-core CPU in minutes."""
+    return tiny(num_classes).replace(
+        num_keypoints=num_keypoints,
+        keypoint_conv_channels=(64, 64, 64, 64),
+        mask_head=False,
+    )
+
+
+PRESETS = {
+    "tiny": tiny,
+    "r50_fpn": r50_fpn,
+    "tiny_keypoints": tiny_keypoints,
+    "r50_fpn_keypoints": r50_fpn_keypoints,
+}
 
 
 def get_config(name: str, **changes) -> MaskRCNNConfig:
-    """The preset ``name`` (``tiny`` or ``r50_fpn``), with ``changes`` applied."""
+    """The preset ``name`` (a key of :data:`PRESETS`), with ``changes`` applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]().replace(**changes)

@@ -7,6 +7,7 @@ The whole model in forward order::
         P2..P6 ─ RPN ─ proposals (+ L_rpn = L_cls + λ·p*·L_box)
         P2..P5, proposals ─ RoIAlign 7×7 ─ box head ─ classes, boxes (+ L_cls, L_box)
         P2..P5, foreground RoIs ─ RoIAlign 14×14 ─ mask head ─ K masks (+ L_mask)
+        P2..P5, foreground RoIs ─ RoIAlign 14×14 ─ keypoint head ─ K heatmaps (+ L_keypoint, §5)
     detections ─ transform: boxes back to each input's pixels, masks pasted there once
 
 ``forward(images, targets)`` returns a dict of named losses in training mode (``model.train()``)
@@ -16,10 +17,14 @@ L = L_cls + L_box + L_mask plus the RPN's two terms (§3).
 Inputs: ``images`` is a list of N float arrays (3, H_i, W_i), RGB in [0, 1], of any size (or one
 (N, 3, H, W) array); :mod:`minimask.model.transform` resizes them. ``targets`` is a list of N
 dicts at the same sizes: ``boxes`` (G, 4) (x1, y1, x2, y2) pixels, ``labels`` (G,) in 1..K-1,
-``masks`` (G, H_i, W_i) binary, optionally ``is_crowd`` (G,) booleans.
+``masks`` (G, H_i, W_i) binary, optionally ``is_crowd`` (G,) booleans; with a keypoint head
+(``config.num_keypoints`` > 0) also ``keypoints`` (G, K, 3) (x, y, visibility) pixels. The mask
+head is optional (``config.mask_head``; torchvision's Keypoint R-CNN has none), and so are masks
+then.
 
 Detections: N dicts with ``boxes`` (D, 4) float32 pixels of the input image, ``scores`` (D,),
-``labels`` (D,) int64 and ``masks`` (D, H_i, W_i) uint8, D <= ``detections_per_image``.
+``labels`` (D,) int64 and ``masks`` (D, H_i, W_i) uint8, D <= ``detections_per_image``; with a
+keypoint head also ``keypoints`` (D, K, 3) (x, y, 1) pixels and ``keypoints_scores`` (D, K).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from minimask.backend import get_array_module, to_host
 from minimask.model.backbone import ResNet
 from minimask.model.config import MaskRCNNConfig
 from minimask.model.fpn import FPN
+from minimask.model.keypoint_head import KeypointHead
 from minimask.model.mask_head import MaskHead
 from minimask.model.roi_heads import RoIHeads
 from minimask.model.rpn import RPN
@@ -45,7 +51,10 @@ class MaskRCNN(Module):
         self.fpn = FPN(self.backbone.out_channels, config.fpn_channels)
         self.rpn = RPN(config, config.fpn_channels)
         self.roi_heads = RoIHeads(config, config.fpn_channels)
-        self.mask_head = MaskHead(config, config.fpn_channels)
+        if config.mask_head:
+            self.mask_head = MaskHead(config, config.fpn_channels)
+        if config.num_keypoints:  # Mask R-CNN §5: the keypoint branch
+            self.keypoint_head = KeypointHead(config, config.fpn_channels)
         self.transform = ImageTransform(config)
 
     @property
@@ -100,14 +109,22 @@ class MaskRCNN(Module):
     def detector_losses(self, features, proposals, sizes, padded, targets) -> dict:
         """The box and mask heads' losses on ``proposals`` (N arrays (P_i, 4), padded pixels)."""
         losses, sampled = self.roi_heads(features, proposals, sizes, padded, targets)
-        losses["loss_mask"] = self.mask_head.loss(features, sampled, targets, padded)
+        if self.config.mask_head:
+            losses["loss_mask"] = self.mask_head.loss(features, sampled, targets, padded)
+        if self.config.num_keypoints:
+            losses["loss_keypoint"] = self.keypoint_head.loss(features, sampled, targets, padded)
         return losses
 
     def detect(self, features, proposals, sizes, padded) -> list[dict]:
-        """Detections at the resized sizes: boxes, scores, labels and 28×28 ``mask_logits``."""
+        """Detections at the resized sizes: boxes, scores, labels, 28×28 ``mask_logits`` (with a
+        mask head) and ``keypoints``, ``keypoints_scores`` (with a keypoint head)."""
         detections, _ = self.roi_heads(features, proposals, sizes, padded)
-        self.mask_head.predict(features, detections, padded)
+        if self.config.mask_head:
+            self.mask_head.predict(features, detections, padded)
+        if self.config.num_keypoints:
+            self.keypoint_head.predict(features, detections, padded)
         return detections
+
 
 def detections_to_host(detections) -> list[dict]:
     """Detections as NumPy arrays (copied from the GPU when needed)."""

@@ -26,6 +26,8 @@ Shape letters:
 
 from __future__ import annotations
 
+import numpy as np
+
 from minimask.backend import get_array_module
 from minimask.engine import Function, Tensor, where
 from minimask.engine.ops import sigmoid
@@ -346,3 +348,35 @@ def mask_loss(mask_logits, labels, mask_targets) -> Tensor:
     _check_labels(labels, mask_logits.shape[1], "mask_loss")
     selected = mask_logits[xp.arange(num_rois), labels]  # (R, M, M)
     return binary_cross_entropy_with_logits(selected, mask_targets)
+
+
+# ---------------------------------------------------------------------------- the keypoint head
+def keypoint_loss(keypoint_logits, heatmap_targets, valid) -> Tensor:
+    """Mask R-CNN's keypoint loss (§5): for each labelled keypoint of each RoI, the softmax
+    cross-entropy over the M² cells of its heatmap, whose target is the one cell it falls in;
+    averaged over the labelled keypoints (torchvision's ``keypointrcnn_loss``).
+
+    Args:
+        keypoint_logits: Tensor (R, K, M, M), one heatmap per keypoint type.
+        heatmap_targets: integer array (R, K), each keypoint's cell ``y·M + x`` in ``[0, M²)``.
+        valid: bool array (R, K): the keypoint is labelled and inside its RoI.
+
+    Returns:
+        A scalar Tensor, 0 connected to the graph when nothing is valid (as torchvision).
+    """
+    num_rois, k, h, w = keypoint_logits.shape
+    if h != w:
+        raise ValueError(f"keypoint_loss needs square heatmaps, got {h}x{w}")
+    xp = keypoint_logits.xp
+    targets = _array(heatmap_targets, xp).reshape(-1)  # (R·K,)
+    valid = _array(valid, xp).reshape(-1).astype(bool)
+    if targets.shape != (num_rois * k,) or valid.shape != targets.shape:
+        raise ValueError(
+            f"keypoint_loss: targets {np.shape(heatmap_targets)} and valid {np.shape(valid)} "
+            f"for logits {keypoint_logits.shape}; expected ({num_rois}, {k})"
+        )
+    rows = xp.flatnonzero(valid)  # (V,) the labelled keypoints
+    if rows.size == 0:
+        return keypoint_logits.sum() * 0.0
+    flat = keypoint_logits.reshape(num_rois * k, h * w)  # (R·K, M²): one row per heatmap
+    return cross_entropy(flat[rows], targets[rows])
