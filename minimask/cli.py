@@ -81,6 +81,8 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
     p.add_argument("--val-images", type=int, default=d.val_images, help="validation images")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data, samplers")
+    p.add_argument("--task", default=d.task, choices=("shapes", "keypoints"),
+                   help="shapes: boxes and masks; keypoints: stick figures' joints")  # fmt: skip
     p.add_argument("--out", default="runs/demo", help="output folder")
     _add_device(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -99,6 +101,7 @@ def _run_demo(args) -> int:
         val_images=args.val_images,
         seed=args.seed,
         device=device,
+        task=args.task,
     )
     run_demo(config, args.out, progress=not args.no_progress)
     return 0
