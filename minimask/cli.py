@@ -32,6 +32,9 @@ import sys
 import zipfile
 import zlib
 
+PRESET_NAMES = ("tiny", "r50_fpn", "tiny_keypoints", "r50_fpn_keypoints")  # model.config.PRESETS
+DATASETS = ("shapes", "figures", "coco")  # the data adapters of minimask.workflow
+
 
 # ---------------------------------------------------------------------------- classifier-demo
 def _add_classifier_demo(subparsers) -> None:
@@ -148,8 +151,8 @@ def _add_train(subparsers) -> None:
         description="Train a Mask R-CNN preset. Writes losses.jsonl, loss_curve.png and an "
         "atomic checkpoint.npz every --checkpoint-every iterations; --resume continues exactly.",
     )
-    p.add_argument("--preset", default="tiny", choices=("tiny", "r50_fpn"))
-    p.add_argument("--dataset", default="shapes", choices=("shapes", "coco"))
+    p.add_argument("--preset", default="tiny", choices=PRESET_NAMES)
+    p.add_argument("--dataset", default="shapes", choices=DATASETS)
     _add_coco_options(p, split="train2017")
     p.add_argument(
         "--categories",
@@ -201,7 +204,10 @@ def _data(args):
         _need_root(args)
         return workflow.CocoData(args.root, args.split, getattr(args, "categories", None),
                                  keep_empty=getattr(args, "keep_empty", False),
-                                 flip=not getattr(args, "no_flip", False))  # fmt: skip
+                                 flip=not getattr(args, "no_flip", False),
+                                 keypoints=args.keypoints)  # fmt: skip
+    if args.dataset == "figures":
+        return workflow.FiguresData(getattr(args, "val_images", 100), getattr(args, "seed", 0))
     return workflow.ShapesData(getattr(args, "val_images", 100), getattr(args, "seed", 0))
 
 
@@ -290,7 +296,7 @@ def _add_model_options(p) -> None:
     p.add_argument(
         "--preset",
         default="r50_fpn",
-        choices=("tiny", "r50_fpn"),
+        choices=PRESET_NAMES,
         help="with --weights: the architecture (default r50_fpn at 800/1333 px)",
     )
 
@@ -333,7 +339,7 @@ def _load_model(args):
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="COCO-style AP of a checkpoint on a dataset")
     _add_model_options(p)
-    p.add_argument("--dataset", default="shapes", choices=("shapes", "coco"))
+    p.add_argument("--dataset", default="shapes", choices=DATASETS)
     _add_coco_options(p, split="val2017")
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
@@ -354,6 +360,8 @@ def _add_coco_options(p, split: str) -> None:
         help="coco: folder with annotations/instances_<split>.json and <split>/",
     )
     p.add_argument("--split", default=split, help=f"coco: split name (default {split})")
+    p.add_argument("--keypoints", action="store_true",
+                   help="coco: person_keypoints_<split>.json, for a keypoint head")  # fmt: skip
 
 
 def _need_root(args) -> None:
