@@ -5,10 +5,12 @@ Mask R-CNN trains five losses at once (He et al. 2017, §3; Faster R-CNN, Ren et
     L = L_objectness + L_rpn_box  +  L_cls + L_box  +  L_mask
         \\_____ RPN (rpn_loss) ___/   \\ fastrcnn_loss /  mask_loss
 
-built from three elementwise pieces: :func:`smooth_l1_loss` for box deltas,
-:func:`binary_cross_entropy_with_logits` for objectness and mask pixels, and :func:`cross_entropy`
-for the class of each RoI. Every function takes Tensors (or plain arrays for targets), returns a
-Tensor that ``backward()`` can start from, and runs unchanged on NumPy or CuPy.
+plus, with a keypoint head (§5), ``L_keypoint`` (:func:`keypoint_loss`, a softmax over each
+heatmap's cells). They are built from three elementwise pieces: :func:`smooth_l1_loss` for box
+deltas, :func:`binary_cross_entropy_with_logits` for objectness and mask pixels, and
+:func:`cross_entropy` for the class of each RoI (and the cell of each keypoint). Every function
+takes Tensors (or plain arrays for targets), returns a Tensor that ``backward()`` can start
+from, and runs unchanged on NumPy or CuPy.
 
 The normalisations follow torchvision (``rpn.py`` and ``roi_heads.py``), so the numbers can be
 compared one to one; where they differ from the papers, the docstring says so. One deliberate
