@@ -94,7 +94,7 @@ def ground_truth_coco(samples, class_names, keypoint_names=None, skeleton=None) 
         if s.get("areas") is not None:
             areas = np.asarray(s["areas"], dtype=np.float64)
         elif masks is not None:
-            areas = masks.reshape(count, -1).sum(axis=1).astype(np.float64)
+            areas = masks.sum(axis=(-2, -1), dtype=np.float64)  # (G,), also for G = 0
         else:
             areas = boxes[:, 2] * boxes[:, 3]
         crowd = np.asarray(s.get("is_crowd", np.zeros(count, dtype=bool)))

@@ -181,7 +181,7 @@ def check_target(target: dict, index: int, image_size: tuple[int, int], num_clas
     for key in needed:
         if target.get(key) is None:
             raise ValueError(
-                f"targets[{index}] has no {key!r}: the model trains on "
+                f"targets[{index}] has no {key!r}: Mask R-CNN trains on "
                 + ", ".join(_TARGET_SHAPES[k] for k in needed)
                 + ", one per instance"
             )
