@@ -70,7 +70,7 @@ def _run_classifier_demo(args) -> int:
 
 # ---------------------------------------------------------------------------- demo
 def _add_demo(subparsers) -> None:
-    from minimask.shapes_demo import DemoConfig  # noqa: PLC0415 - keep --help fast
+    from minimask.shapes_demo import KEYPOINT_ITERATIONS, DemoConfig  # noqa: PLC0415
 
     d = DemoConfig()
     p = subparsers.add_parser(
@@ -80,7 +80,9 @@ def _add_demo(subparsers) -> None:
         "bbox and segm AP on a fixed validation split, and write loss_curve.png, "
         "predictions.png, metrics.json and checkpoint.npz.",
     )
-    p.add_argument("--iterations", type=int, default=d.iterations, help="training steps")
+    p.add_argument("--iterations", type=int, default=None,
+                   help=f"training steps (default {d.iterations}; --task keypoints: "
+                   f"{KEYPOINT_ITERATIONS})")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
     p.add_argument("--val-images", type=int, default=d.val_images, help="validation images")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data, samplers")
@@ -93,11 +95,14 @@ def _add_demo(subparsers) -> None:
 
 
 def _run_demo(args) -> int:
-    from minimask.shapes_demo import DemoConfig, run_demo  # noqa: PLC0415
+    from minimask.shapes_demo import KEYPOINT_ITERATIONS, DemoConfig, run_demo  # noqa: PLC0415
 
+    d = DemoConfig()
     _positive(args, "iterations", "batch_size", "val_images")
     device = _device(args)
     _out_folder(args.out)
+    if args.iterations is None:
+        args.iterations = KEYPOINT_ITERATIONS if args.task == "keypoints" else d.iterations
     config = DemoConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,

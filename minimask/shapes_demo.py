@@ -26,6 +26,7 @@ from minimask.train import TrainConfig
 @dataclass(frozen=True)
 class DemoConfig:
     iterations: int = 1200  # optimizer steps (about 6 minutes on 2 idle cores)
+    # (the CLI's default for --task keypoints is KEYPOINT_ITERATIONS: the figures learn faster)
     batch_size: int = 4  # images per step
     lr: float = 0.02  # SGD learning rate after warm-up
     warmup_iters: int = 100  # linear warm-up
@@ -34,6 +35,8 @@ class DemoConfig:
     device: str | None = None  # "cpu" or "gpu"; None: MINIMASK_DEVICE, else the CPU
     task: str = "shapes"  # "shapes" (boxes and masks) or "keypoints" (stick figures)
 
+
+KEYPOINT_ITERATIONS = 800  # keypoint AP 0.92 at 720 iterations, measured: a margin over 0.7
 
 TASKS = {  # task -> (data adapter, preset, what the log calls it)
     "shapes": (workflow.ShapesData, "tiny", "Mask R-CNN (tiny preset) on synthetic shapes"),
