@@ -129,9 +129,9 @@ def coco_model_config(preset: str, num_classes: int, min_size: int = COCO_MIN_SI
     R50-FPN from random weights; loaded weights bring their own BatchNorm statistics.
     """
     changes = {"num_classes": num_classes, "min_size": min_size, "max_size": max_size}
-    if preset == "r50_fpn" and not pretrained:
+    if preset.startswith("r50_fpn") and not pretrained:
         changes.update(norm="group_norm")
-    if preset == "tiny":
+    if preset.startswith("tiny"):
         photo = MaskRCNNConfig()
         changes.update(anchor_sizes=(16, 32, 64, 128, 256), image_mean=photo.image_mean,
                        image_std=photo.image_std, detections_per_image=100)  # fmt: skip

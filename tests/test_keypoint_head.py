@@ -329,6 +329,20 @@ def test_model_without_mask_head_trains_and_predicts_keypoints():
     assert (y >= det["boxes"][:, None, 1] - 1e-3).all() and (y <= det["boxes"][:, None, 3]).all()
 
 
+def test_an_image_without_labelled_keypoints_trains_with_a_zero_keypoint_loss():
+    """COCO has persons without keypoints (and images with no person labelled at all): their
+    RoIs are not trained by the keypoint head, and the step runs."""
+    init.manual_seed(0)
+    model = MaskRCNN(get_config("tiny_keypoints", min_size=96, max_size=96)).train()
+    image, target = tiny_sample()
+    target["keypoints"][..., 2] = 0
+    losses = model([image], [target])
+    assert losses["loss_keypoint"].item() == 0.0
+    sum(losses.values(), start=losses["loss_keypoint"]).backward()
+    assert model.keypoint_head.logits.weight.grad is None  # not run: nothing to learn
+    assert model.roi_heads.predictor.cls_score.weight.grad is not None
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -71,6 +71,9 @@ class KeypointHead(Module):
             boxes.append(rois[keep])
             heatmaps.append(heat)
             valid.append(ok)
+        if sum(len(b) for b in boxes) == 0:  # no person with keypoints here (COCO has many):
+            # nothing to learn, and nothing to run the head on. 0, as keypoint_loss of nothing.
+            return Tensor(features[0].xp.zeros((), dtype=features[0].dtype))
         logits = self.forward(features, boxes, padded_size)  # (R, K, M, M)
         xp = logits.xp
         return keypoint_loss(logits, xp.concatenate(heatmaps), xp.concatenate(valid))
