@@ -33,6 +33,8 @@ import sys
 import zipfile
 import zlib
 
+DATASETS = ("shapes", "figures", "coco")  # the data adapters of minimask.workflow
+
 
 # ---------------------------------------------------------------------------- classifier-demo
 def _add_classifier_demo(subparsers) -> None:
@@ -68,7 +70,7 @@ def _run_classifier_demo(args) -> int:
 
 # ---------------------------------------------------------------------------- demo
 def _add_demo(subparsers) -> None:
-    from minimask.shapes_demo import DemoConfig  # noqa: PLC0415 - keep --help fast
+    from minimask.shapes_demo import KEYPOINT_ITERATIONS, DemoConfig  # noqa: PLC0415
 
     d = DemoConfig()
     p = subparsers.add_parser(
@@ -78,10 +80,14 @@ def _add_demo(subparsers) -> None:
         "bbox and segm AP on a fixed validation split, and write loss_curve.png, "
         "predictions.png, metrics.json and checkpoint.npz.",
     )
-    p.add_argument("--iterations", type=int, default=d.iterations, help="training steps")
+    p.add_argument("--iterations", type=int, default=None,
+                   help=f"training steps (default {d.iterations}; --task keypoints: "
+                   f"{KEYPOINT_ITERATIONS})")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
     p.add_argument("--val-images", type=int, default=d.val_images, help="validation images")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data, samplers")
+    p.add_argument("--task", default=d.task, choices=("shapes", "keypoints"),
+                   help="shapes: boxes and masks; keypoints: stick figures' joints")  # fmt: skip
     p.add_argument("--out", default="runs/demo", help="output folder")
     _add_device(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -89,17 +95,21 @@ def _add_demo(subparsers) -> None:
 
 
 def _run_demo(args) -> int:
-    from minimask.shapes_demo import DemoConfig, run_demo  # noqa: PLC0415
+    from minimask.shapes_demo import KEYPOINT_ITERATIONS, DemoConfig, run_demo  # noqa: PLC0415
 
+    d = DemoConfig()
     _positive(args, "iterations", "batch_size", "val_images")
     device = _device(args)
     _out_folder(args.out)
+    if args.iterations is None:
+        args.iterations = KEYPOINT_ITERATIONS if args.task == "keypoints" else d.iterations
     config = DemoConfig(
         iterations=args.iterations,
         batch_size=args.batch_size,
         val_images=args.val_images,
         seed=args.seed,
         device=device,
+        task=args.task,
     )
     run_demo(config, args.out, progress=not args.no_progress)
     return 0
@@ -150,7 +160,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set",
                    help="change one field of the model config (minimask/model/config.py), e.g. "
                    "--set pooler=roi_pool --set mask_loss=softmax; repeat for more")  # fmt: skip
-    p.add_argument("--dataset", default="shapes", choices=("shapes", "coco"))
+    p.add_argument("--dataset", default="shapes", choices=DATASETS)
     _add_coco_options(p, split="train2017")
     p.add_argument(
         "--categories",
@@ -253,7 +263,10 @@ def _data(args):
         _need_root(args)
         return workflow.CocoData(args.root, args.split, getattr(args, "categories", None),
                                  keep_empty=getattr(args, "keep_empty", False),
-                                 flip=not getattr(args, "no_flip", False))  # fmt: skip
+                                 flip=not getattr(args, "no_flip", False),
+                                 keypoints=args.keypoints)  # fmt: skip
+    if args.dataset == "figures":
+        return workflow.FiguresData(getattr(args, "val_images", 100), getattr(args, "seed", 0))
     return workflow.ShapesData(getattr(args, "val_images", 100), getattr(args, "seed", 0))
 
 
@@ -392,7 +405,7 @@ def _load_model(args):
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser("eval", help="COCO-style AP of a checkpoint on a dataset")
     _add_model_options(p)
-    p.add_argument("--dataset", default="shapes", choices=("shapes", "coco"))
+    p.add_argument("--dataset", default="shapes", choices=DATASETS)
     _add_coco_options(p, split="val2017")
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
@@ -413,6 +426,8 @@ def _add_coco_options(p, split: str) -> None:
         help="coco: folder with annotations/instances_<split>.json and <split>/",
     )
     p.add_argument("--split", default=split, help=f"coco: split name (default {split})")
+    p.add_argument("--keypoints", action="store_true",
+                   help="coco: person_keypoints_<split>.json, for a keypoint head")  # fmt: skip
 
 
 def _need_root(args) -> None:

@@ -1,12 +1,17 @@
-"""COCO-style evaluation: bbox and segm AP, AP50 and AP75 through pycocotools.
+"""COCO-style evaluation: bbox, segm and keypoint AP, AP50 and AP75 through pycocotools.
 
 AP (COCO's primary metric) averages precision over recall levels, classes, and ten IoU
 thresholds 0.50:0.05:0.95; AP50 and AP75 fix the IoU threshold at 0.5 and 0.75 (Mask R-CNN §4,
-Table 1). For ``segm`` the IoU is taken between masks, for ``bbox`` between boxes.
+Table 1). For ``segm`` the IoU is taken between masks, for ``bbox`` between boxes, and for
+``keypoints`` (Mask R-CNN §5, Table 4) it is the object keypoint similarity
+``OKS = mean over labelled keypoints of exp(-d² / (2 s² k²))``: d the distance between the
+predicted and the true keypoint, s² the object's area, ``k = 2σ`` a per-keypoint constant
+(COCO's 17 sigmas by default; another skeleton brings its own).
 
 The ground truth of any dataset of samples (dicts with ``image``, ``boxes``, ``labels``,
-``masks``, ``image_id``) becomes a COCO object in memory, the model's detections become a COCO
-results list (boxes as [x, y, w, h], masks as RLE), and ``COCOeval`` does the rest.
+``masks``, ``image_id``, optionally ``keypoints`` and ``areas``) becomes a COCO object in memory,
+the model's detections become a COCO results list (boxes as [x, y, w, h], masks as RLE,
+keypoints as flat [x, y, v] * K), and ``COCOeval`` does the rest.
 
 A number can be absent: ``COCOeval`` writes -1 where no object falls in an area range (APs on a
 dataset without small objects, say). Such a number is ``None`` in the metrics (``null`` in JSON)
@@ -41,6 +46,8 @@ STAT_NAMES = (
     "ARm",
     "ARl",
 )  # fmt: skip  -- the 12 numbers of COCOeval.summarize(), in its order
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+# -- the 10 numbers of COCOeval.summarize() for keypoints (no small objects: too few keypoints)
 
 
 def format_stat(value: float | None, spec: str = ".3f") -> str:
@@ -68,27 +75,51 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
-def ground_truth_coco(samples, class_names) -> COCO:
-    """A pycocotools ``COCO`` object holding the targets of ``samples``."""
+def ground_truth_coco(samples, class_names, keypoint_names=None, skeleton=None) -> COCO:
+    """A pycocotools ``COCO`` object holding the targets of ``samples``.
+
+    Each annotation's ``area`` is the sample's ``areas`` entry when it has one, else its mask's
+    pixel count (else its box's). Samples with ``keypoints`` (G, K, 3) give each annotation its
+    flat ``keypoints`` and ``num_keypoints`` (the labelled ones), and the categories the
+    ``keypoint_names`` and ``skeleton`` (0-based pairs, written 1-based as COCO does).
+    """
     images, annotations = [], []
     for s in samples:
         _, height, width = np.shape(s["image"])
         images.append({"id": int(s["image_id"]), "height": int(height), "width": int(width)})
-        masks = np.asarray(s["masks"])
-        crowd = np.asarray(s.get("is_crowd", np.zeros(len(masks), dtype=bool)))
-        for box, label, rle, mask, is_crowd in zip(
-            xyxy_to_xywh(s["boxes"]), s["labels"], encode_masks(masks), masks, crowd
-        ):
-            annotations.append({
+        boxes = xyxy_to_xywh(s["boxes"])
+        count = len(boxes)
+        masks = np.asarray(s["masks"]) if s.get("masks") is not None else None
+        rles = encode_masks(masks) if masks is not None else [None] * count
+        if s.get("areas") is not None:
+            areas = np.asarray(s["areas"], dtype=np.float64)
+        elif masks is not None:
+            areas = masks.sum(axis=(-2, -1), dtype=np.float64)  # (G,), also for G = 0
+        else:
+            areas = boxes[:, 2] * boxes[:, 3]
+        crowd = np.asarray(s.get("is_crowd", np.zeros(count, dtype=bool)))
+        keypoints = s.get("keypoints")
+        for g in range(count):
+            entry = {
                 "id": len(annotations) + 1,
                 "image_id": int(s["image_id"]),
-                "category_id": int(label),
-                "bbox": box.tolist(),
-                "area": float(mask.sum()),
-                "iscrowd": int(is_crowd),
-                "segmentation": rle,
-            })  # fmt: skip
+                "category_id": int(s["labels"][g]),
+                "bbox": boxes[g].tolist(),
+                "area": float(areas[g]),
+                "iscrowd": int(crowd[g]),
+            }
+            if rles[g] is not None:
+                entry["segmentation"] = rles[g]
+            if keypoints is not None:
+                kp = np.asarray(keypoints[g], dtype=np.float64)  # (K, 3)
+                entry["keypoints"] = kp.reshape(-1).tolist()
+                entry["num_keypoints"] = int((kp[:, 2] > 0).sum())
+            annotations.append(entry)
     categories = [{"id": k, "name": n} for k, n in enumerate(class_names) if k > 0]
+    if keypoint_names is not None:
+        pairs = [[a + 1, b + 1] for a, b in (skeleton or ())]
+        for c in categories:
+            c.update(keypoints=list(keypoint_names), skeleton=pairs)
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -97,8 +128,11 @@ def ground_truth_coco(samples, class_names) -> COCO:
 
 
 def detections_to_results(image_id: int, det: dict) -> list[dict]:
-    """One image's detections as COCO result entries (bbox and, when present, segmentation)."""
+    """One image's detections as COCO result entries (bbox and, when present, segmentation and
+    keypoints: flat [x, y, v] * K, scored by the detection's score, as torchvision's reference
+    evaluation does)."""
     rles = encode_masks(np.asarray(det["masks"])) if "masks" in det else None
+    keypoints = np.asarray(det["keypoints"], np.float64) if "keypoints" in det else None
     results = []
     for i, (box, score, label) in enumerate(
         zip(xyxy_to_xywh(det["boxes"]), det["scores"], det["labels"])
@@ -111,18 +145,21 @@ def detections_to_results(image_id: int, det: dict) -> list[dict]:
         }
         if rles is not None:
             entry["segmentation"] = rles[i]
+        if keypoints is not None:
+            entry["keypoints"] = keypoints[i].reshape(-1).tolist()
         results.append(entry)
     return results
 
 
 def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids=None,
-                 category_ids=None) -> tuple[COCOeval, str]:  # fmt: skip
+                 category_ids=None, sigmas=None) -> tuple[COCOeval, str]:  # fmt: skip
     """``COCOeval`` of one IoU type, run quietly; returns it and its printed 12-line summary.
 
     ``image_ids`` / ``category_ids`` restrict the evaluation (default: every image and category
     of ``gt``), e.g. to the images that were actually read. For ``segm`` the entries' ``bbox``
     is dropped first, so that pycocotools takes each detection's area from its mask (as the
-    COCO and Detectron evaluations do), not from its box. ``results`` is not modified.
+    COCO and Detectron evaluations do), not from its box. For ``keypoints``, ``sigmas`` (K,)
+    replace COCO's 17 per-keypoint OKS constants (another skeleton). ``results`` is not modified.
     """
     results = [dict(r) for r in results]  # loadRes writes ids and areas into the entries
     if iou_type == "segm":
@@ -135,6 +172,8 @@ def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, image_ids=None,
             ev.params.imgIds = sorted(int(i) for i in image_ids)
         if category_ids is not None:
             ev.params.catIds = sorted(int(c) for c in category_ids)
+        if iou_type == "keypoints" and sigmas is not None:
+            ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
         ev.evaluate()
         ev.accumulate()
     out = io.StringIO()
@@ -153,23 +192,26 @@ def _no_detections(gt: COCO) -> COCO:
 
 
 def coco_evaluate(gt: COCO, results: list[dict], iou_types=("bbox", "segm"), verbose=False,
-                  image_ids=None, category_ids=None, evals: dict | None = None):  # fmt: skip
+                  image_ids=None, category_ids=None, evals: dict | None = None,
+                  sigmas=None):  # fmt: skip
     """Run ``COCOeval`` for each IoU type; returns ``{iou_type: {stat name: value}}``.
 
     A value is None where COCOeval has none (module docstring). With no detections at all, every
     number that exists is 0. ``verbose`` prints COCOeval's standard 12-number summary of each
     type; ``evals``, when a dict, receives each type's ``COCOeval`` when there are detections
-    (for :func:`save_pr_curves`).
+    (for :func:`save_pr_curves`). ``sigmas``: the keypoints' OKS constants (see
+    :func:`run_cocoeval`); the ``keypoints`` type reports :data:`KEYPOINT_STAT_NAMES`.
     """
     metrics = {}
     for iou_type in iou_types:
-        ev, summary = run_cocoeval(gt, results, iou_type, image_ids, category_ids)
+        ev, summary = run_cocoeval(gt, results, iou_type, image_ids, category_ids, sigmas)
         if verbose:
             print(f"{iou_type}:\n{summary}")
         if evals is not None and results:
             evals[iou_type] = ev
         # COCOeval's -1: no ground truth to measure against
-        metrics[iou_type] = {n: None if v < 0 else float(v) for n, v in zip(STAT_NAMES, ev.stats)}
+        names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+        metrics[iou_type] = {n: None if v < 0 else float(v) for n, v in zip(names, ev.stats)}
     return metrics
 
 

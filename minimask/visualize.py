@@ -1,4 +1,4 @@
-"""Drawing detections: boxes, class names, scores and translucent masks on an image.
+"""Drawing detections: boxes, class names, scores, translucent masks and keypoint skeletons.
 
 Used by ``minimask predict``, the demo's predictions figure and the lessons.
 """
@@ -8,6 +8,13 @@ from __future__ import annotations
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+
+# COCO's person skeleton (its categories' "skeleton", made 0-based): the lines between the 17
+# keypoints nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles (left before right).
+COCO_PERSON_SKELETON = (
+    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
+    (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
+)  # fmt: skip
 
 
 def new_figure(figsize) -> Figure:
@@ -43,13 +50,15 @@ def cell_extent(grid_size, stride) -> tuple[float, float, float, float]:
 
 def draw_detections(ax, image, detections: dict, class_names, score_thresh: float = 0.5,
                     alpha: float = 0.45, title: str | None = None,
-                    by_class: bool = False):  # fmt: skip
+                    by_class: bool = False, skeleton=None):  # fmt: skip
     """Draw ``image`` (3, H, W) or (H, W, 3) in [0, 1] with its detections on a matplotlib axis.
 
     ``detections`` holds ``boxes`` (D, 4) (x1, y1, x2, y2), ``labels`` (D,), optionally
-    ``scores`` (D,) (ground truth has none) and ``masks`` (D, H, W); detections scoring below
-    ``score_thresh`` are skipped. Each detection gets its own colour, or with ``by_class`` one
-    colour per class (``colour(label)``), so that a class reads the same in every panel.
+    ``scores`` (D,) (ground truth has none), ``masks`` (D, H, W) and ``keypoints`` (D, K, 3);
+    detections scoring below ``score_thresh`` are skipped. Each detection gets its own colour, or
+    with ``by_class`` one colour per class (``colour(label)``), so that a class reads the same in
+    every panel. Keypoints are drawn as dots joined by the ``skeleton``'s lines (pairs of
+    keypoint indices), those with visibility 0 left out.
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3 and image.shape[0] == 3:
@@ -73,9 +82,23 @@ def draw_detections(ax, image, detections: dict, class_names, score_thresh: floa
         text = f"{name}" if scores is None else f"{name} {float(scores[i]):.2f}"
         ax.text(x1, y1, text, fontsize=7, color="white", va="bottom",
                 bbox={"facecolor": c, "alpha": 0.8, "pad": 1, "edgecolor": "none"})  # fmt: skip
+        if detections.get("keypoints") is not None:
+            draw_skeleton(ax, np.asarray(detections["keypoints"][i]), skeleton or (), c)
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
+
+
+def draw_skeleton(ax, keypoints, skeleton, colour_rgb) -> None:
+    """One instance's keypoints (K, 3) (x, y, v) pixels: the ``skeleton``'s lines between
+    labelled keypoints, then a dot on each. Pixel ``j`` covers ``[j, j + 1)``; matplotlib centres
+    it on ``j``, hence the half-pixel shift."""
+    xy = keypoints[:, :2] - 0.5
+    shown = keypoints[:, 2] > 0
+    for a, b in skeleton:
+        if shown[a] and shown[b]:
+            ax.plot(xy[[a, b], 0], xy[[a, b], 1], color=colour_rgb, linewidth=1.5, alpha=0.9)
+    ax.scatter(xy[shown, 0], xy[shown, 1], s=6, c="white", edgecolors=[colour_rgb], zorder=3)
 
 
 def _rectangle(xy, width, height, edge):
@@ -85,8 +108,9 @@ def _rectangle(xy, width, height, edge):
 
 
 def save_predictions_figure(path: str, samples, detections, class_names, columns: int = 4,
-                            score_thresh: float = 0.5) -> None:  # fmt: skip
-    """A grid of ground truth (top of each pair) and predictions (below) for a few samples."""
+                            score_thresh: float = 0.5, skeleton=None) -> None:  # fmt: skip
+    """A grid of ground truth (top of each pair) and predictions (below) for a few samples;
+    with keypoints, their ``skeleton`` drawn over each instance."""
     n = len(samples)
     cols = min(columns, n)
     rows = 2 * (-(-n // cols))
@@ -96,9 +120,9 @@ def save_predictions_figure(path: str, samples, detections, class_names, columns
         ax.set_axis_off()
     for k, (s, det) in enumerate(zip(samples, detections)):
         r, c = 2 * (k // cols), k % cols
-        draw_detections(axes[r, c], s["image"], s, class_names, title="ground truth")
-        draw_detections(
-            axes[r + 1, c], s["image"], det, class_names, score_thresh, title="prediction"
-        )
+        draw_detections(axes[r, c], s["image"], s, class_names, title="ground truth",
+                        skeleton=skeleton)  # fmt: skip
+        draw_detections(axes[r + 1, c], s["image"], det, class_names, score_thresh,
+                        title="prediction", skeleton=skeleton)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)

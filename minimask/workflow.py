@@ -1,8 +1,8 @@
 """One path from data to a trained, evaluated model: train, evaluate and predict, for any data.
 
-The synthetic shapes and a COCO-format dataset are two **data adapters** with the same small
-interface; everything else (building the model, the training loop, predicting, COCO metrics, the
-files written) is one code path:
+The synthetic shapes, the synthetic stick figures (keypoints) and a COCO-format dataset are
+**data adapters** with the same small interface; everything else (building the model, the
+training loop, predicting, COCO metrics, the files written) is one code path:
 
     data.model_config(preset, min_size, max_size, pretrained)   the preset, the data's classes
     data.meta()                                      classes and dataset facts kept in checkpoints
@@ -28,6 +28,7 @@ from dataclasses import asdict
 import numpy as np
 
 from minimask.backend import check_device
+from minimask.data import figures
 from minimask.data.coco import BadImageError, CocoBatches, CocoDataset, DataProblems
 from minimask.data.shapes import CLASSES, ShapesConfig, ShapesDataset, shapes_batches
 from minimask.engine import no_grad
@@ -52,11 +53,12 @@ COCO_MIN_SIZE, COCO_MAX_SIZE = 320, 533  # COCO photos on a CPU: the paper's 800
 # ---------------------------------------------------------------------------- the adapters
 class EvalSet:
     """Images to evaluate on: ``load(i)`` gives sample ``i`` (or raises ``BadImageError``), and
-    ``gt`` is their ground truth as a pycocotools ``COCO`` object, with real category ids."""
+    ``gt`` is their ground truth as a pycocotools ``COCO`` object, with real category ids;
+    ``sigmas`` are the keypoints' OKS constants (None: COCO's 17)."""
 
-    def __init__(self, load, count: int, gt, category_ids, source: str):
+    def __init__(self, load, count: int, gt, category_ids, source: str, sigmas=None):
         self.load, self.count, self.gt = load, count, gt
-        self.category_ids, self.source = list(category_ids), source
+        self.category_ids, self.source, self.sigmas = list(category_ids), source, sigmas
 
 
 class ShapesData:
@@ -88,6 +90,36 @@ class ShapesData:
         return EvalSet(samples.__getitem__, len(samples), gt, range(1, len(CLASSES)), "shapes")
 
 
+class FiguresData:
+    """The synthetic stick figures (:mod:`minimask.data.figures`): one class, 7 keypoints."""
+
+    name = "figures"
+
+    def __init__(self, val_images: int = 100, val_seed: int = 0):
+        self.val_images, self.val_seed = val_images, val_seed
+
+    def model_config(self, preset: str, min_size=None, max_size=None,
+                     pretrained: bool = False) -> MaskRCNNConfig:  # fmt: skip
+        sizes = {k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v}
+        return get_config(preset, num_classes=len(figures.CLASSES),
+                          num_keypoints=len(figures.KEYPOINT_NAMES), **sizes)  # fmt: skip
+
+    def meta(self) -> dict:
+        return {"dataset": "figures", "classes": list(figures.CLASSES), "category_ids": [1],
+                "keypoint_names": list(figures.KEYPOINT_NAMES),
+                "skeleton": [list(p) for p in figures.SKELETON],
+                "kpt_oks_sigmas": list(figures.OKS_SIGMAS)}  # fmt: skip
+
+    def train_batches(self, seed: int, batch_size: int):
+        return figures.figures_batches(seed, batch_size)
+
+    def eval_set(self, meta: dict) -> EvalSet:
+        samples = list(figures.FiguresDataset(self.val_images, seed=self.val_seed))
+        gt = ground_truth_coco(samples, figures.CLASSES, figures.KEYPOINT_NAMES, figures.SKELETON)
+        return EvalSet(samples.__getitem__, len(samples), gt, [1], "figures",
+                       sigmas=figures.OKS_SIGMAS)  # fmt: skip
+
+
 def coco_model_config(preset: str, num_classes: int, min_size: int = COCO_MIN_SIZE,
                       max_size: int = COCO_MAX_SIZE,
                       pretrained: bool = False) -> MaskRCNNConfig:  # fmt: skip
@@ -103,7 +135,7 @@ def coco_model_config(preset: str, num_classes: int, min_size: int = COCO_MIN_SI
     changes = {"num_classes": num_classes, "min_size": min_size, "max_size": max_size}
     if get_config(preset).norm == "frozen_bn" and not pretrained:
         changes.update(norm="group_norm")
-    if preset in ("tiny", "tiny_c4"):
+    if preset.startswith("tiny"):
         photo = MaskRCNNConfig()
         changes.update(anchor_sizes=(16, 32, 64, 128, 256), image_mean=photo.image_mean,
                        image_std=photo.image_std, detections_per_image=100)  # fmt: skip
@@ -116,25 +148,34 @@ class CocoData:
     name = "coco"
 
     def __init__(self, root: str, split: str, categories=None, keep_empty: bool = False,
-                 flip: bool = True):  # fmt: skip
+                 flip: bool = True, keypoints: bool = False):  # fmt: skip
         self.root, self.split, self.flip = root, split, flip
         self.categories, self.keep_empty = categories, keep_empty
+        self.keypoints = keypoints  # person_keypoints_<split>.json instead of instances_
 
     @functools.cached_property
     def dataset(self) -> CocoDataset:
         """The training view: the chosen categories, images with annotations (read once)."""
         return CocoDataset.from_root(self.root, self.split, categories=self.categories,
-                                     keep_empty=self.keep_empty)  # fmt: skip
+                                     keep_empty=self.keep_empty,
+                                     keypoints=self.keypoints)  # fmt: skip
 
     def model_config(self, preset: str, min_size=None, max_size=None,
                      pretrained: bool = False) -> MaskRCNNConfig:  # fmt: skip
-        return coco_model_config(preset, self.dataset.num_classes, min_size or COCO_MIN_SIZE,
-                                 max_size or COCO_MAX_SIZE, pretrained)  # fmt: skip
+        config = coco_model_config(preset, self.dataset.num_classes, min_size or COCO_MIN_SIZE,
+                                   max_size or COCO_MAX_SIZE, pretrained)  # fmt: skip
+        if self.keypoints:
+            config = config.replace(num_keypoints=len(self.dataset.keypoint_names))
+        return config
 
     def meta(self) -> dict:
-        return {"dataset": "coco", "root": os.path.abspath(self.root), "split": self.split,
+        meta = {"dataset": "coco", "root": os.path.abspath(self.root), "split": self.split,
                 "classes": self.dataset.classes,
                 "category_ids": self.dataset.category_ids.tolist()}  # fmt: skip
+        if self.keypoints:
+            meta.update(keypoint_names=list(self.dataset.keypoint_names),
+                        skeleton=[list(p) for p in self.dataset.skeleton])  # fmt: skip
+        return meta
 
     def train_batches(self, seed: int, batch_size: int) -> CocoBatches:
         return CocoBatches(self.dataset, batch_size, seed, self.flip)
@@ -142,7 +183,8 @@ class CocoData:
     def eval_set(self, meta: dict) -> EvalSet:
         """Every image of the split (with or without annotations), scored on the categories the
         model knows (those of ``meta["category_ids"]`` that the JSON has)."""
-        every = CocoDataset.from_root(self.root, self.split, keep_empty=True)
+        every = CocoDataset.from_root(self.root, self.split, keep_empty=True,
+                                      keypoints=self.keypoints)  # fmt: skip
         wanted = [c for c in meta["category_ids"] if c in set(every.category_ids.tolist())]
         if not wanted:
             raise ValueError(f"{every.annotation_file} has none of the model's categories "
@@ -232,9 +274,15 @@ def predict_set(model: MaskRCNN, eval_set: EvalSet, category_ids, count: int | N
     return results, image_ids, problems, shown
 
 
+def iou_types(config: MaskRCNNConfig) -> tuple[str, ...]:
+    """What a model can be scored on: boxes always, masks and keypoints when it has those heads."""
+    return ("bbox",) + ("segm",) * config.has_masks + ("keypoints",) * bool(config.num_keypoints)
+
+
 def evaluate(model: MaskRCNN, meta: dict, data, out_dir: str, max_images: int | None = None,
              batch_size: int = 2, progress: bool = True, log=print) -> dict:  # fmt: skip
-    """COCO bbox and segm metrics of ``model`` on ``data``'s evaluation images.
+    """COCO bbox, segm and keypoint metrics of ``model`` on ``data``'s evaluation images (those
+    of :func:`iou_types`).
 
     Writes to ``out_dir``: ``results_<split>.json`` (COCO results), ``metrics.json``,
     ``pr_curves.png`` (precision / recall at IoU 0.5 and 0.75) and ``predictions.png``.
@@ -261,8 +309,9 @@ def evaluate(model: MaskRCNN, meta: dict, data, out_dir: str, max_images: int | 
     log(f"{len(results)} detections on {len(image_ids)} images in {seconds:.0f} s "
         f"-> {results_path}")  # fmt: skip
     evals: dict = {}
-    metrics = coco_evaluate(eval_set.gt, results, image_ids=image_ids,
-                            category_ids=eval_set.category_ids, evals=evals)  # fmt: skip
+    metrics = coco_evaluate(eval_set.gt, results, iou_types(model.config), image_ids=image_ids,
+                            category_ids=eval_set.category_ids, evals=evals,
+                            sigmas=eval_set.sigmas)  # fmt: skip
     pr_path = os.path.join(out_dir, "pr_curves.png")
     if evals:
         save_pr_curves(evals, pr_path)
@@ -273,7 +322,7 @@ def evaluate(model: MaskRCNN, meta: dict, data, out_dir: str, max_images: int | 
     if shown:
         samples, dets = zip(*shown)
         save_predictions_figure(os.path.join(out_dir, "predictions.png"), samples, dets,
-                                meta["classes"])  # fmt: skip
+                                meta["classes"], skeleton=meta.get("skeleton"))  # fmt: skip
     if problems:
         log(problems.summary())
     record = {"dataset": data.name, "images": len(image_ids),
@@ -288,8 +337,20 @@ def summary_table(metrics: dict, names=STAT_NAMES) -> str:
     """The chosen COCO numbers of each IoU type as a Markdown table."""
     rows = ["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for task, m in metrics.items():
-        rows.append(f"| {task} | " + " | ".join(format_stat(m[n]) for n in names) + " |")
+        rows.append(f"| {task} | " + " | ".join(format_stat(m.get(n)) for n in names) + " |")
     return "\n".join(rows)
+
+
+def skeleton_of(meta: dict, model: MaskRCNN):
+    """The keypoint pairs to draw as lines: the data's skeleton, or for 17 keypoints without one
+    (torchvision's weights), COCO's person skeleton; None for a model without keypoints."""
+    if not model.config.num_keypoints:
+        return None
+    if meta.get("skeleton") is not None:
+        return meta["skeleton"]
+    from minimask.visualize import COCO_PERSON_SKELETON  # noqa: PLC0415
+
+    return COCO_PERSON_SKELETON if model.config.num_keypoints == 17 else ()
 
 
 # ---------------------------------------------------------------------------- image files
@@ -331,7 +392,8 @@ def predict_files(model: MaskRCNN, meta: dict, paths, out_dir: str, score_thresh
 
     Writes ``<name>_pred.png`` per image (names from :func:`output_names`) and
     ``detections.json``: every detection the model returns (``bbox`` [x, y, w, h] in the image's
-    pixels, ``score``, ``category_id``, ``segmentation`` as RLE), with ``image_id``
+    pixels, ``score``, ``category_id``, ``segmentation`` as RLE, ``keypoints`` [x, y, v] * K when
+    the model has those heads), with ``image_id``
     (:func:`image_ids_of`) and ``file_name`` naming its image.
 
     A file that cannot be read (missing, not an image, truncated) is skipped and the others are
@@ -357,16 +419,18 @@ def predict_files(model: MaskRCNN, meta: dict, paths, out_dir: str, score_thresh
         # In the file's pixels, one mask at a time: D full-size masks of a large photo at once
         # would take D·H·W bytes (about 5 GB for 100 detections on 8000×6000).
         boxes = to_file_pixels({k: v for k, v in det.items() if k != "masks"}, scale, file_size)
-        for r, m in zip(to_results(image_id, boxes, meta["category_ids"]), det["masks"]):
-            full = to_file_pixels({"boxes": boxes["boxes"][:1], "masks": m[None]}, scale,
-                                  file_size)["masks"]  # fmt: skip
-            r["segmentation"] = encode_masks(full)[0]
+        for i, r in enumerate(to_results(image_id, boxes, meta["category_ids"])):
+            if "masks" in det:  # a keypoint model may have no mask head
+                full = to_file_pixels({"boxes": boxes["boxes"][:1], "masks": det["masks"][i, None]},
+                                      scale, file_size)["masks"]  # fmt: skip
+                r["segmentation"] = encode_masks(full)[0]
             results.append({**r, "file_name": os.path.basename(path)})
         fig = new_figure((6, 6 * height / width))
         ax = fig.add_subplot()
         kept = int((det["scores"] >= score_thresh).sum())
         draw_detections(ax, image, det, meta["classes"], score_thresh,
-                        title=f"{os.path.basename(path)}: {kept} detections")  # fmt: skip
+                        title=f"{os.path.basename(path)}: {kept} detections",
+                        skeleton=skeleton_of(meta, model))  # fmt: skip
         target = os.path.join(out_dir, name + "_pred.png")
         os.makedirs(out_dir, exist_ok=True)  # with the first drawing: none when no file reads
         fig.tight_layout()

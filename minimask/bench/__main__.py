@@ -20,8 +20,9 @@ SUITES = {
     "parity": "minimask.bench.parity",  # R50-FPN vs torchvision's, stage by stage, same weights
     "gpu": "minimask.bench.gpu",  # minimask on CuPy vs torch on CUDA: ops, train steps, memory
     "ablations": "minimask.bench.ablations",  # the paper's Table 2 switches, trained on shapes
+    "keypoints": "minimask.bench.keypoints",  # the keypoint head's train step vs torchvision's
 }
-WITH_OPTIONS = ("train", "real", "profile", "contention", "parity", "ablations")  # see their --help
+WITH_OPTIONS = ("train", "real", "profile", "contention", "parity", "ablations", "keypoints")
 
 
 def main(argv=None) -> None:

@@ -1,8 +1,9 @@
-"""COCO instance segmentation: the official JSON layout, read through pycocotools.
+"""COCO instance segmentation and person keypoints: the official JSON layout, via pycocotools.
 
 Layout (as COCO publishes it)::
 
     ROOT/annotations/instances_<split>.json     images, annotations, categories
+    ROOT/annotations/person_keypoints_<split>.json   the same, persons only, with keypoints
     ROOT/<split>/<file_name>                    the JPEG files, e.g. ROOT/val2017/000000000139.jpg
 
 A sample is a dict in the model's format (see ``minimask/model/mask_rcnn.py``)::
@@ -13,6 +14,13 @@ A sample is a dict in the model's format (see ``minimask/model/mask_rcnn.py``)::
     masks      (G, H, W) uint8, decoded exactly as ``COCO.annToMask`` (polygons, RLE, crowd RLE)
     is_crowd   (G,) bool: crowd regions, which the matchers use as ignore regions only
     image_id   int (COCO's id);  file_name str;  orig_size (H, W) as stored in the JSON
+    keypoints  (G, K, 3) float32 (x, y, v) pixels, from a keypoints file only: COCO's flat
+               [x1, y1, v1, ...]; v = 0 not labelled (x = y = 0), 1 labelled but hidden, 2 visible
+
+A keypoints file names its keypoints in its category (``keypoints``, ``skeleton``); the dataset
+keeps them (:attr:`CocoDataset.keypoint_names`, :attr:`CocoDataset.skeleton`) and the left/right
+swap a horizontal flip needs (:attr:`CocoDataset.flip_index`, from the names: ``left_eye`` <->
+``right_eye``...).
 
 Shape letters: H, W image size; G instances of one image; K categories chosen.
 
@@ -55,6 +63,7 @@ __all__ = [
     "CocoDataset",
     "CocoFormatError",
     "DataProblems",
+    "flip_index",
     "load_coco_json",
 ]
 
@@ -223,6 +232,8 @@ class CocoDataset:
         image_ids: the COCO ids of the images, in sample order.
         coco: a pycocotools ``COCO`` over the cleaned annotations (the evaluation ground truth).
         problems: the annotations dropped or fixed while loading (:class:`DataProblems`).
+        keypoint_names: the K keypoints of the chosen categories (a keypoints file), else ().
+        skeleton: their lines as 0-based pairs; flip_index: their left/right swap.
     """
 
     def __init__(self, annotation_file: str, image_dir: str, categories=None,
@@ -236,10 +247,15 @@ class CocoDataset:
         self.cat_id_to_label = {c: k + 1 for k, c in enumerate(chosen)}
         self.classes = ["__background__"] + [known[c] for c in chosen]
 
+        self.keypoint_names, self.skeleton = keypoint_categories(data["categories"], chosen,
+                                                                 annotation_file)  # fmt: skip
+        self.flip_index = flip_index(self.keypoint_names)
         images = _clean_images(data["images"], self.problems)
         anns_of = defaultdict(list)
         for ann in data["annotations"]:
             clean = _clean_annotation(ann, images, known, self.problems)
+            if clean is not None and self.keypoint_names:
+                clean = _clean_keypoints(clean, len(self.keypoint_names), self.problems)
             if clean is not None and clean["category_id"] in self.cat_id_to_label:
                 anns_of[clean["image_id"]].append(clean)
         self.annotations_of = dict(anns_of)
@@ -254,6 +270,10 @@ class CocoDataset:
             "annotations": [a for i in sorted(anns_of) for a in anns_of[i]],
             "categories": [{"id": c, "name": known[c]} for c in chosen],
         }
+        if self.keypoint_names:  # as COCO's keypoints files: names and 1-based skeleton
+            for c in cleaned["categories"]:
+                c.update(keypoints=list(self.keypoint_names),
+                         skeleton=[[a + 1, b + 1] for a, b in self.skeleton])  # fmt: skip
         self.coco = COCO()
         self.coco.dataset = cleaned
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -261,10 +281,11 @@ class CocoDataset:
         self.problems.warn()
 
     @classmethod
-    def from_root(cls, root: str, split: str, **kwargs) -> CocoDataset:
-        """The split ``split`` (e.g. ``val2017``) of a dataset in the official layout."""
-        ann = os.path.join(root, "annotations", f"instances_{split}.json")
-        return cls(ann, os.path.join(root, split), **kwargs)
+    def from_root(cls, root: str, split: str, keypoints: bool = False, **kwargs) -> CocoDataset:
+        """The split ``split`` (e.g. ``val2017``) of a dataset in the official layout; with
+        ``keypoints``, from ``person_keypoints_<split>.json``."""
+        name = f"person_keypoints_{split}.json" if keypoints else f"instances_{split}.json"
+        return cls(os.path.join(root, "annotations", name), os.path.join(root, split), **kwargs)
 
     @property
     def num_classes(self) -> int:
@@ -304,7 +325,7 @@ class CocoDataset:
             with warnings.catch_warnings():  # pycocotools' NumPy 2 copy=False notice
                 warnings.simplefilter("ignore", DeprecationWarning)
                 masks[:] = mask_utils.decode(rles).transpose(2, 0, 1)  # (H, W, G) -> (G, H, W)
-        return {
+        target = {
             "boxes": boxes,
             "labels": np.array([self.cat_id_to_label[a["category_id"]] for a in anns], np.int64),
             "masks": masks,
@@ -312,6 +333,71 @@ class CocoDataset:
             "image_id": int(image_id),
             "file_name": entry["file_name"],
         }
+        if self.keypoint_names:
+            k = len(self.keypoint_names)
+            flat = [a.get("keypoints") or [0] * (3 * k) for a in anns]  # crowds may have none
+            target["keypoints"] = np.array(flat, dtype=np.float32).reshape(-1, k, 3)
+        return target
+
+
+# ---------------------------------------------------------------------------- keypoints
+def keypoint_categories(entries, chosen, path) -> tuple[tuple[str, ...], tuple]:
+    """The keypoint names and 0-based skeleton of the ``chosen`` categories, or ``((), ())``.
+
+    COCO's keypoints files give them in the category (``person``: 17 names, 19 lines, 1-based).
+    A model predicts one set of K keypoints for every class, so the chosen categories that have
+    keypoints must all name the same ones.
+    """
+    found = {}
+    for c in entries:
+        if isinstance(c, dict) and int(c.get("id", -1)) in chosen and c.get("keypoints"):
+            names = c["keypoints"]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise CocoFormatError(f"{path}: category {c['id']} keypoints must be names")
+            pairs = c.get("skeleton") or []
+            if not all(isinstance(p, list) and len(p) == 2 and _whole_numbers(p) and
+                       all(1 <= v <= len(names) for v in p) for p in pairs):  # fmt: skip
+                raise CocoFormatError(f"{path}: category {c['id']} skeleton {pairs!r:.80} is "
+                                      f"not pairs of keypoint numbers 1..{len(names)}")  # fmt: skip
+            found[int(c["id"])] = (tuple(names), tuple((a - 1, b - 1) for a, b in pairs))
+    if not found:
+        return (), ()
+    if len({names for names, _ in found.values()}) > 1:
+        raise CocoFormatError(f"{path}: the chosen categories {sorted(found)} name different "
+                              "keypoints; choose categories with one set")  # fmt: skip
+    return next(iter(found.values()))
+
+
+def flip_index(names) -> tuple[int, ...]:
+    """Where each keypoint goes in a horizontal flip: ``left_*`` and ``right_*`` trade places.
+
+    A mirrored person's left wrist appears where a right wrist would be, so after flipping the
+    image keypoint k must be relabelled ``flip_index[k]`` (COCO: eyes, ears, shoulders, elbows,
+    wrists, hips, knees, ankles; the nose keeps its place).
+    """
+    position = {n: i for i, n in enumerate(names)}
+
+    def mirrored(name: str) -> str:
+        for side, other in (("left", "right"), ("right", "left")):
+            if name.startswith(side):
+                return other + name[len(side) :]
+        return name
+
+    return tuple(position.get(mirrored(n), i) for i, n in enumerate(names))
+
+
+def _clean_keypoints(ann: dict, k: int, problems: DataProblems):
+    """``ann`` if its ``keypoints`` are K (x, y, v) triples of numbers with v in {0, 1, 2} (or
+    absent, as in crowd regions), else None (counted)."""
+    kp = ann.get("keypoints")
+    if kp is None:
+        return ann
+    where = f"annotation {ann.get('id', '?')} (image {ann['image_id']})"
+    if not isinstance(kp, list) or len(kp) != 3 * k or not _numbers(kp):
+        return problems.add("bad keypoints", f"{where}: keypoints {kp!r:.60} are not {k} triples")
+    if any(v not in (0, 1, 2) for v in kp[2::3]):
+        return problems.add("bad keypoints", f"{where}: a visibility is not 0, 1 or 2")
+    return ann
 
 
 # ---------------------------------------------------------------------------- cleaning
@@ -530,7 +616,7 @@ class CocoBatches:
                 continue
             if self.flip:
                 coin = np.random.default_rng((self.seed, 1, position))
-                sample = random_horizontal_flip(sample, coin)
+                sample = random_horizontal_flip(sample, coin, flip_index=self.dataset.flip_index)
             return sample
         raise RuntimeError(
             f"no readable image in {self.dataset.image_dir}:\n{self.problems.summary()}"

@@ -209,8 +209,9 @@ def to_file_pixels(detections: dict, scale: int, file_size: tuple[int, int]) -> 
 
     ``boxes`` (D, 4) are multiplied by ``scale`` and clipped to the file's (W, H); ``masks``
     (D, h, w), when present, are enlarged by repeating each pixel ``scale`` times along both
-    axes and cut to the file's (H, W). The result holds D·H·W bytes of masks. Other entries
-    are kept. With ``scale`` 1 the detections are returned as they are.
+    axes and cut to the file's (H, W). The result holds D·H·W bytes of masks. ``keypoints``
+    (D, K, 3), when present, have x and y multiplied by ``scale``. Other entries are kept.
+    With ``scale`` 1 the detections are returned as they are.
     """
     if scale == 1:
         return detections
@@ -219,6 +220,10 @@ def to_file_pixels(detections: dict, scale: int, file_size: tuple[int, int]) -> 
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, width)
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, height)
     out = {**detections, "boxes": boxes}
+    if "keypoints" in detections:  # (D, K, 3): x and y scale, the visibility stays
+        keypoints = np.array(detections["keypoints"], dtype=np.float32)
+        keypoints[..., :2] *= np.float32(scale)
+        out["keypoints"] = keypoints
     if "masks" in detections:
         masks = np.asarray(detections["masks"])
         rows = np.arange(height) // scale  # the decoded pixel each file pixel lies in

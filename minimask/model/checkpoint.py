@@ -135,7 +135,8 @@ def load_model(checkpoint: str | None = None, weights: str | None = None, preset
     """A model to evaluate or predict with, from a minimask checkpoint or a weights file.
 
     A weights file carries no config: the model is ``preset`` (torchvision's 800/1333 sizes for
-    ``r50_fpn``) with the class count read from the file. torchvision's 91-class COCO weights
+    ``r50_fpn``) with the class count read from the file, and Keypoint R-CNN's keypoint head
+    (and no mask head) when the file has one. torchvision's 91-class COCO weights
     label each detection with its COCO category id, so their ``category_ids`` are 1..90.
 
     Returns the model (eval mode) and a meta dict with ``classes`` and ``category_ids``.
@@ -152,7 +153,13 @@ def load_model(checkpoint: str | None = None, weights: str | None = None, preset
     if key not in state:
         raise ValueError(f"{weights} holds no box predictor ({key}): not a whole detector")
     num_classes = int(np.shape(state[key])[0])
-    model = MaskRCNN(get_config(preset, num_classes=num_classes))
+    changes = {"num_classes": num_classes}
+    keypoints = state.get("keypoint_head.logits.weight")  # (C, K, 4, 4): a Keypoint R-CNN's
+    if keypoints is not None:
+        has_masks = "mask_head.logits.weight" in state
+        changes.update(num_keypoints=int(np.shape(keypoints)[1]),
+                       mask_head="fcn" if has_masks else "none")  # fmt: skip
+    model = MaskRCNN(get_config(preset, **changes))
     load_weights(model, state, log=log)
     model.eval()
     if num_classes == 91:  # torchvision's COCO models: label k is COCO category id k

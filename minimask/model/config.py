@@ -12,7 +12,11 @@ Presets:
 - ``r101_fpn``: the same on ResNet-101 (stage blocks (3, 4, 23, 3));
 - ``r50_c4``, ``r101_c4``: the paper's C4 design (Fig. 4 left): RPN and RoIs on ResNet's C4,
   its C5 stage ("res5") as the box head, a 14x14 mask from res5's 7x7 output;
-- ``tiny_c4``: the C4 design at the ``tiny`` preset's size, for the CPU.
+- ``tiny_c4``: the C4 design at the ``tiny`` preset's size, for the CPU;
+- ``r50_fpn_keypoints``: torchvision's ``keypointrcnn_resnet50_fpn`` (box and keypoint heads, no
+  mask head; Mask R-CNN §5);
+- ``tiny_keypoints``: ``tiny`` with a small keypoint head and no mask head, for the synthetic
+  stick figures (:mod:`minimask.data.figures`).
 
 The ablation switches of the paper's Table 2 (``pooler``, ``mask_loss``, ``mask_class_agnostic``,
 ``mask_head``) default to the paper's choices; a bad value is refused when the config is made.
@@ -28,7 +32,7 @@ CHOICES = {
     "block": ("basic", "bottleneck"),
     "norm": ("frozen_bn", "group_norm"),
     "pooler": ("roi_align", "roi_pool"),
-    "mask_head": ("fcn", "mlp"),
+    "mask_head": ("fcn", "mlp", "none"),
     "mask_loss": ("sigmoid", "softmax"),
 }
 
@@ -109,6 +113,7 @@ class MaskRCNNConfig:
     mask_head: str = "fcn"  # "fcn": convs, a 2x deconv, a 1x1 conv to K logits (Fig. 4);
     # "mlp": Table 2e's MLP on the pooled features, fc mask_mlp_dim, fc mask_mlp_dim, fc to
     # K·M·M with M = 2 x mask_pool_size (31.5 mask AP against the FCN's 33.6). "fpn" only.
+    # "none": no mask branch (torchvision's Keypoint R-CNN has none: a box and keypoint model)
     mask_conv_channels: tuple[int, ...] = (256, 256, 256, 256)  # the FCN's 3x3 convs ("c4": none)
     mask_deconv_channels: int = 256  # output channels of the FCN's 2x deconv (torchvision: 256;
     # Detectron's C4 head: 2048 -> 256)
@@ -121,6 +126,12 @@ class MaskRCNNConfig:
     mask_threshold: float = 0.5  # paste: a pixel is in the mask when its probability >= this
     # (the mask head's output size, 28 = 2 x mask_pool_size, follows from the layers)
 
+    # ---------------------------------------------------------------- keypoint head (§5)
+    num_keypoints: int = 0  # K keypoints per instance; 0: no keypoint head (COCO persons: 17)
+    keypoint_pool_size: int = 14  # RoIAlign output for the keypoint head, 14x14
+    keypoint_conv_channels: tuple[int, ...] = (512,) * 8  # the eight 3x3 convs (torchvision's)
+    # (the heatmaps are 56x56: a 4x4 stride-2 deconvolution to 28x28, then 2x bilinear upsampling)
+
     def __post_init__(self):
         """Refuse a switch's unknown value, or a combination that cannot be built."""
         for name, allowed in CHOICES.items():
@@ -130,11 +141,16 @@ class MaskRCNNConfig:
         if self.mask_loss == "softmax" and self.mask_class_agnostic:
             raise ValueError("config mask_loss='softmax' needs class-specific masks (a softmax "
                              "over one mask_class_agnostic channel is constant)")  # fmt: skip
-        if self.layout == "c4" and self.mask_head != "fcn":
+        if self.layout == "c4" and self.mask_head == "mlp":
             raise ValueError("config mask_head='mlp' is an ablation of the FPN layout (Table 2e); "
                              "the c4 layout's mask branch is res5 and a deconv")  # fmt: skip
         if not 0 <= self.trainable_stages <= 5:
             raise ValueError(f"config trainable_stages={self.trainable_stages} must be in 0..5")
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the model has a mask branch (``mask_head`` is not ``"none"``)."""
+        return self.mask_head != "none"
 
     def replace(self, **changes) -> MaskRCNNConfig:
         """A copy with some fields changed (the config itself is frozen)."""
@@ -212,14 +228,32 @@ def tiny_c4(num_classes: int = 4) -> MaskRCNNConfig:
     )
 
 
+def r50_fpn_keypoints(num_classes: int = 2, num_keypoints: int = 17) -> MaskRCNNConfig:
+    """torchvision's ``keypointrcnn_resnet50_fpn``: persons (and background), 17 COCO keypoints,
+    no mask head. (torchvision trains it at shorter sides 640..800; it predicts at 800.)"""
+    return MaskRCNNConfig(num_classes=num_classes, num_keypoints=num_keypoints, mask_head="none")
+
+
+def tiny_keypoints(num_classes: int = 2, num_keypoints: int = 7) -> MaskRCNNConfig:
+    """``tiny`` with a four-conv, 64-channel keypoint head and no mask head: stick figures of
+    7 joints (:mod:`minimask.data.figures`) on a 2-core CPU in minutes."""
+    return tiny(num_classes).replace(
+        num_keypoints=num_keypoints,
+        keypoint_conv_channels=(64, 64, 64, 64),
+        mask_head="none",
+    )
+
+
 # Every preset by name: the CLI's --preset choices are these keys.
 PRESETS = {
     "tiny": tiny,
     "tiny_c4": tiny_c4,
+    "tiny_keypoints": tiny_keypoints,
     "r50_fpn": r50_fpn,
     "r101_fpn": r101_fpn,
     "r50_c4": r50_c4,
     "r101_c4": r101_c4,
+    "r50_fpn_keypoints": r50_fpn_keypoints,
 }
 
 

@@ -9,6 +9,7 @@ The whole model in forward order (FPN)::
         P2..P6 ─ RPN ─ proposals (+ L_rpn = L_cls + λ·p*·L_box)
         P2..P5, proposals ─ RoIAlign 7×7 ─ box head ─ classes, boxes (+ L_cls, L_box)
         P2..P5, foreground RoIs ─ RoIAlign 14×14 ─ mask head ─ K masks (+ L_mask)
+        P2..P5, foreground RoIs ─ RoIAlign 14×14 ─ keypoint head ─ K heatmaps (+ L_keypoint, §5)
     detections ─ transform: boxes back to each input's pixels, masks pasted there once
 
 ``forward(images, targets)`` returns a dict of named losses in training mode (``model.train()``)
@@ -18,10 +19,14 @@ L = L_cls + L_box + L_mask plus the RPN's two terms (§3).
 Inputs: ``images`` is a list of N float arrays (3, H_i, W_i), RGB in [0, 1], of any size (or one
 (N, 3, H, W) array); :mod:`minimask.model.transform` resizes them. ``targets`` is a list of N
 dicts at the same sizes: ``boxes`` (G, 4) (x1, y1, x2, y2) pixels, ``labels`` (G,) in 1..K-1,
-``masks`` (G, H_i, W_i) binary, optionally ``is_crowd`` (G,) booleans.
+``masks`` (G, H_i, W_i) binary, optionally ``is_crowd`` (G,) booleans; with a keypoint head
+(``config.num_keypoints`` > 0) also ``keypoints`` (G, K, 3) (x, y, visibility) pixels. The mask
+head is optional (``config.mask_head="none"``; torchvision's Keypoint R-CNN has none), and so are
+masks then.
 
 Detections: N dicts with ``boxes`` (D, 4) float32 pixels of the input image, ``scores`` (D,),
-``labels`` (D,) int64 and ``masks`` (D, H_i, W_i) uint8, D <= ``detections_per_image``.
+``labels`` (D,) int64 and ``masks`` (D, H_i, W_i) uint8, D <= ``detections_per_image``; with a
+keypoint head also ``keypoints`` (D, K, 3) (x, y, 1) pixels and ``keypoints_scores`` (D, K).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from minimask.model.backbone import ResNet
 from minimask.model.c4 import Res5Head
 from minimask.model.config import MaskRCNNConfig
 from minimask.model.fpn import FPN
+from minimask.model.keypoint_head import KeypointHead
 from minimask.model.mask_head import MaskHead, MLPMaskHead
 from minimask.model.roi_heads import RoIHeads
 from minimask.model.rpn import RPN
@@ -57,7 +63,9 @@ def build_layout(model: MaskRCNN, config: MaskRCNNConfig) -> None:
         anchors = AnchorGenerator.fpn(config.anchor_sizes, config.aspect_ratios)
         model.rpn = RPN(config, config.fpn_channels, anchors)
         model.roi_heads = RoIHeads(config, config.fpn_channels)
-        model.mask_head = MASK_HEADS[config.mask_head](config, config.fpn_channels)
+        head_channels = config.fpn_channels
+        if config.has_masks:
+            model.mask_head = MASK_HEADS[config.mask_head](config, config.fpn_channels)
     elif config.layout == "c4":
         model.backbone = ResNet(config, num_stages=3)  # stem, C2, C3, C4
         c4 = model.backbone.out_channels[-1]
@@ -65,18 +73,24 @@ def build_layout(model: MaskRCNN, config: MaskRCNNConfig) -> None:
         model.rpn = RPN(config, c4, anchors)
         res5 = Res5Head(config)
         model.roi_heads = RoIHeads(config, c4, head=res5, width=res5.out_channels)
-        model.mask_head = MASK_HEADS[config.mask_head](
-            config, res5.out_channels, roi_features=model.roi_heads.box_features
-        )
+        head_channels = c4
+        if config.has_masks:
+            model.mask_head = MASK_HEADS[config.mask_head](
+                config, res5.out_channels, roi_features=model.roi_heads.box_features
+            )
     elif config.layout == "c5":  # Table 2d's ablation: stride 32, the FPN layout's heads
         model.backbone = ResNet(config)
         c5 = model.backbone.out_channels[-1]
         anchors = AnchorGenerator.c4(config.anchor_sizes, config.aspect_ratios)  # one level
         model.rpn = RPN(config, c5, anchors)
         model.roi_heads = RoIHeads(config, c5)
-        model.mask_head = MASK_HEADS[config.mask_head](config, c5)
+        head_channels = c5
+        if config.has_masks:
+            model.mask_head = MASK_HEADS[config.mask_head](config, c5)
     else:  # the config refuses other values; this guards a config built around its check
         raise ValueError(f"config.layout={config.layout!r}; use 'fpn', 'c4' or 'c5'")
+    if config.num_keypoints:  # Mask R-CNN §5: the keypoint branch, pooling the heads' maps
+        model.keypoint_head = KeypointHead(config, head_channels)
 
 
 class MaskRCNN(Module):
@@ -97,9 +111,11 @@ class MaskRCNN(Module):
         return [self.rpn]
 
     def detector_modules(self) -> list[Module]:
-        """The detector's own layers: [roi_heads, mask_head] (C4: res5, the box head, is
-        ``roi_heads.head``)."""
-        return [self.roi_heads, self.mask_head]
+        """The detector's own layers: [roi_heads, mask_head, keypoint_head], those the model has
+        (C4: res5, the box head, is ``roi_heads.head``)."""
+        heads = [self.roi_heads]
+        heads += [self.mask_head] if self.config.has_masks else []
+        return heads + ([self.keypoint_head] if self.config.num_keypoints else [])
 
     def freeze_backbone(self, trainable: int) -> None:
         """Train only the last ``trainable`` of the ResNet's (stem, C2, C3, C4, C5), as
@@ -167,13 +183,22 @@ class MaskRCNN(Module):
         sampled = heads.sample_proposals(proposals, targets)
         box_features = heads.box_features(features, [s[0] for s in sampled], padded)
         losses = heads.loss(box_features, sampled)
-        losses["loss_mask"] = self.mask_head.loss(features, sampled, targets, padded, box_features)
+        if self.config.has_masks:
+            losses["loss_mask"] = self.mask_head.loss(
+                features, sampled, targets, padded, box_features
+            )
+        if self.config.num_keypoints:
+            losses["loss_keypoint"] = self.keypoint_head.loss(features, sampled, targets, padded)
         return losses
 
     def detect(self, features, proposals, sizes, padded) -> list[dict]:
-        """Detections at the resized sizes: boxes, scores, labels and 28×28 ``mask_logits``."""
+        """Detections at the resized sizes: boxes, scores, labels, 28×28 ``mask_logits`` (with a
+        mask head) and ``keypoints``, ``keypoints_scores`` (with a keypoint head)."""
         detections, _ = self.roi_heads(features, proposals, sizes, padded)
-        self.mask_head.predict(features, detections, padded)
+        if self.config.has_masks:
+            self.mask_head.predict(features, detections, padded)
+        if self.config.num_keypoints:
+            self.keypoint_head.predict(features, detections, padded)
         return detections
 
 

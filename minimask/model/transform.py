@@ -9,13 +9,14 @@ coordinates, exactly as torchvision's ``GeneralizedRCNNTransform`` does:
 2. **resize** it: ``s = min(min_size / min(H, W), max_size / max(H, W))`` and
    ``(h, w) = (floor(s·H), floor(s·W))``, bilinear with half-pixel centres (``align_corners=False``,
    no antialiasing); training targets move with it (boxes scaled by ``(w/W, h/H)``, masks by the
-   nearest source pixel ``floor(j · W/w)`` so they stay binary);
+   nearest source pixel ``floor(j · W/w)`` so they stay binary; keypoints scaled as boxes);
 3. **pad** the batch with zeros to a multiple of ``size_divisible`` (the coarsest stride);
 
 and after the heads,
 
-4. **postprocess**: boxes scaled back by ``(W/w, H/h)``, and the predicted class's soft M×M mask
-   pasted **once** into the original image and thresholded there (:func:`paste_masks`).
+4. **postprocess**: boxes (and keypoints) scaled back by ``(W/w, H/h)``, and the predicted
+   class's soft M×M mask pasted **once** into the original image and thresholded there
+   (:func:`paste_masks`).
 
 Each step follows torchvision's arithmetic (floor of the scaled size, half-pixel bilinear sampling,
 nearest = floor, the integer box of the paste), so that the same weights give the same detections.
@@ -33,7 +34,7 @@ from minimask.backend import get_array_module, to_host
 from minimask.engine import Tensor, section
 from minimask.engine.ops import sigmoid
 from minimask.model.config import MaskRCNNConfig
-from minimask.nn.pool import nearest_source_index
+from minimask.nn.pool import bilinear_taps, nearest_source_index
 from minimask.ops.boxes import check_boxes
 
 
@@ -46,20 +47,6 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     """
     scale = min(min_size / min(height, width), max_size / max(height, width))
     return max(int(height * scale), 1), max(int(width * scale), 1)
-
-
-def bilinear_taps(src: int, dst: int, xp, dtype):
-    """Where each of ``dst`` output pixels samples a ``src``-long axis: ``(low, high, frac)``.
-
-    Half-pixel centres (``align_corners=False``): output pixel ``j`` sits at source coordinate
-    ``u = (j + 0.5)·src/dst - 0.5``, clamped at 0; it blends pixels ``low = floor(u)`` and
-    ``high = min(low + 1, src - 1)`` with weights ``1 - frac`` and ``frac = u - low``.
-    """
-    u = (xp.arange(dst, dtype=dtype) + 0.5) * dtype(src / dst) - 0.5
-    u = xp.maximum(u, 0)
-    low = xp.minimum(xp.floor(u).astype(xp.int64), src - 1)
-    high = xp.minimum(low + 1, src - 1)
-    return low, high, (u - low).astype(dtype)
 
 
 def resize_image(image, size: tuple[int, int]):
@@ -178,19 +165,26 @@ def paste_masks(probs, boxes, image_size: tuple[int, int], threshold: float | No
 
 
 # ---------------------------------------------------------------------------- targets
-def check_target(target: dict, index: int, image_size: tuple[int, int], num_classes: int):
+def check_target(target: dict, index: int, image_size: tuple[int, int], num_classes: int,
+                 masks: bool = True, num_keypoints: int = 0):  # fmt: skip
     """Refuse a training target that would train on garbage, with a message naming it.
 
-    Checks: ``boxes``, ``labels`` and ``masks`` are all given (Mask R-CNN trains its mask head on
-    the masks); boxes (G, 4) finite and not reversed (:func:`minimask.ops.boxes.check_boxes`),
+    Checks: ``boxes``, ``labels`` and (when the model has a mask head, ``masks``) ``masks`` are
+    all given; boxes (G, 4) finite and not reversed (:func:`minimask.ops.boxes.check_boxes`),
     each touching its image; as many labels (and masks) as boxes; labels in 1..K-1; masks the
-    size of their image.
+    size of their image. With ``num_keypoints`` K > 0 (a keypoint head), ``keypoints`` (G, K, 3)
+    too: finite (x, y) and a visibility v in {0, 1, 2} (COCO's: not labelled, labelled but
+    hidden, visible).
     """
-    for key in ("boxes", "labels", "masks"):
+    needed = ("boxes", "labels", "masks") if masks else ("boxes", "labels")
+    if num_keypoints:
+        needed += ("keypoints",)
+    for key in needed:
         if target.get(key) is None:
             raise ValueError(
-                f"targets[{index}] has no {key!r}: Mask R-CNN trains on boxes (G, 4), labels (G,) "
-                "and masks (G, H, W), one per instance"
+                f"targets[{index}] has no {key!r}: Mask R-CNN trains on "
+                + ", ".join(_TARGET_SHAPES[k] for k in needed)
+                + ", one per instance"
             )
     xp = get_array_module(target["boxes"])
     boxes = xp.asarray(target["boxes"]).reshape(-1, 4)
@@ -204,23 +198,66 @@ def check_target(target: dict, index: int, image_size: tuple[int, int], num_clas
             f"{index} ({height}x{width}): boxes are (x1, y1, x2, y2) in the image's own pixels"
         )
     labels = to_host(target["labels"])
-    masks = target["masks"]
-    counts = {"boxes": len(boxes), "labels": len(labels), "masks": len(masks)}
+    counts = {"boxes": len(boxes), "labels": len(labels)}
     bad = (labels < 1) | (labels >= num_classes)
     if bad.any():
         raise ValueError(
             f"targets[{index}]['labels'] holds {labels[bad][:5].tolist()}: labels must be in "
             f"1..{num_classes - 1} (0 is the background, num_classes={num_classes})"
         )
-    if tuple(masks.shape[-2:]) != tuple(image_size):
-        raise ValueError(
-            f"targets[{index}]['masks'] are {tuple(masks.shape[-2:])} but image {index} is "
-            f"{tuple(image_size)} (masks are given at the image's own size)"
-        )
+    if masks:
+        counts["masks"] = len(target["masks"])
+        if tuple(target["masks"].shape[-2:]) != tuple(image_size):
+            raise ValueError(
+                f"targets[{index}]['masks'] are {tuple(target['masks'].shape[-2:])} but image "
+                f"{index} is {tuple(image_size)} (masks are given at the image's own size)"
+            )
+    if num_keypoints:
+        counts["keypoints"] = len(target["keypoints"])
+        check_keypoints(to_host(target["keypoints"]), num_keypoints, f"targets[{index}]")
     if target.get("is_crowd") is not None:
         counts["is_crowd"] = len(target["is_crowd"])
     if len(set(counts.values())) > 1:
         raise ValueError(f"targets[{index}] has different counts per key: {counts}")
+
+
+_TARGET_SHAPES = {
+    "boxes": "boxes (G, 4)",
+    "labels": "labels (G,)",
+    "masks": "masks (G, H, W)",
+    "keypoints": "keypoints (G, K, 3)",
+}
+
+
+def check_keypoints(keypoints, num_keypoints: int, where: str) -> None:
+    """Refuse keypoints that are not (G, K, 3) rows of finite (x, y) and v in {0, 1, 2}."""
+    keypoints = np.asarray(keypoints)
+    if keypoints.ndim != 3 or keypoints.shape[1:] != (num_keypoints, 3):
+        raise ValueError(
+            f"{where}['keypoints'] has shape {keypoints.shape}; expected (G, {num_keypoints}, 3): "
+            f"(x, y, visibility) for each of the model's {num_keypoints} keypoints"
+        )
+    if not np.isfinite(keypoints).all():
+        g, k, _ = np.argwhere(~np.isfinite(keypoints))[0]
+        raise ValueError(f"{where}['keypoints'][{g}, {k}] = {keypoints[g, k]} is not finite")
+    v = keypoints[..., 2]
+    bad = ~np.isin(v, (0, 1, 2))
+    if bad.any():
+        g, k = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{where}['keypoints'][{g}, {k}] has visibility {v[g, k]}: it must be 0 (not "
+            "labelled), 1 (labelled, hidden) or 2 (visible)"
+        )
+
+
+def resize_keypoints(keypoints, from_size: tuple[int, int], to_size: tuple[int, int]):
+    """(..., K, 3) keypoints of a ``from_size`` image -> the same on a ``to_size`` image: x and y
+    scale as the boxes' corners do (:func:`resize_boxes`), the visibility stays."""
+    ry, rx = (to_size[0] / from_size[0]), (to_size[1] / from_size[1])
+    resized = keypoints.copy()
+    resized[..., 0] *= rx
+    resized[..., 1] *= ry
+    return resized
 
 
 VALUE_SLACK = 0.5  # how far outside [0, 1] an input image may stray before it is refused
@@ -267,7 +304,8 @@ class ImageTransform:
 
         Args:
             images: N arrays (3, H_i, W_i), RGB in [0, 1], or one (N, 3, H, W) array.
-            targets: N dicts (``boxes``, ``labels``, ``masks``, ``is_crowd``) or None.
+            targets: N dicts (``boxes``, ``labels``, ``masks``, ``is_crowd``, ``keypoints``) or
+                None.
             xp, dtype: where and in what precision the batch is built (the model's).
 
         Returns:
@@ -306,7 +344,8 @@ class ImageTransform:
 
         Everything the heads read is uploaded here, once per image, to the model's device.
         """
-        check_target(target, index, original_size, self.config.num_classes)
+        c = self.config
+        check_target(target, index, original_size, c.num_classes, c.has_masks, c.num_keypoints)
         out = dict(target)
         boxes = xp.asarray(target["boxes"], dtype=dtype).reshape(-1, 4)
         out["boxes"] = resize_boxes(boxes, original_size, size)
@@ -315,6 +354,9 @@ class ImageTransform:
             out["masks"] = resize_masks(xp.asarray(target["masks"]), size)
         if target.get("is_crowd") is not None:
             out["is_crowd"] = xp.asarray(target["is_crowd"], dtype=bool)
+        if c.num_keypoints:
+            keypoints = xp.asarray(target["keypoints"], dtype=dtype).reshape(-1, c.num_keypoints, 3)
+            out["keypoints"] = resize_keypoints(keypoints, original_size, size)
         return out
 
     def postprocess(self, detections, image_sizes, original_sizes):
@@ -323,10 +365,13 @@ class ImageTransform:
         Each detection dict holds ``boxes`` (D, 4) on the resized image and, from the mask head,
         ``mask_logits`` (D, M, M) of its class; it leaves with ``boxes`` on the input image and
         ``masks`` (D, H, W) uint8, the logits' sigmoid pasted once at the input's size and
-        thresholded at ``mask_threshold``.
+        thresholded at ``mask_threshold``. Keypoints (from the keypoint head) scale back as boxes
+        do.
         """
         for det, size, original in zip(detections, image_sizes, original_sizes):
             det["boxes"] = resize_boxes(det["boxes"], size, original)
+            if "keypoints" in det:
+                det["keypoints"] = resize_keypoints(det["keypoints"], size, original)
             logits = det.pop("mask_logits", None)
             if logits is not None:
                 det["masks"] = paste_masks(

@@ -25,9 +25,10 @@ Mask R-CNN), so it neither loads nor exports a whole torchvision detector. An Im
 load into it (``--backbone-weights``): the trunk takes stem..``layer3``, and ``layer4`` goes to
 res5, which is the C4 box head (``roi_heads.head.res5``, :data:`C4_RES5`).
 
-minimask has no keypoint head yet: the keypoint rows of the table are there for a later change,
-and loading Keypoint R-CNN weights into a :class:`~minimask.model.mask_rcnn.MaskRCNN` loads the
-shared parts, keeps the mask head's fresh initialisation, and reports the keypoint keys as not used.
+Keypoint R-CNN weights load whole into a model with a keypoint head and no mask head (the
+``r50_fpn_keypoints`` preset, ``num_keypoints=17, mask_head="none"``). Into a model without a
+keypoint head they load the shared parts, keep the mask head's fresh initialisation, and report
+the keypoint keys as not used.
 
 BatchNorm: torchvision's ``BatchNorm2d`` and ``FrozenBatchNorm2d`` both store ``weight``, ``bias``,
 ``running_mean`` and ``running_var``; all four land in minimask's ``FrozenBatchNorm2d`` buffers.
@@ -109,7 +110,7 @@ RULES: list[tuple[str, str]] = [
     ("mask_head.convs.{i}", "roi_heads.mask_head.{i}.0"),
     ("mask_head.upsample", "roi_heads.mask_predictor.conv5_mask"),
     ("mask_head.logits", "roi_heads.mask_predictor.mask_fcn_logits"),
-    # keypoint head (not in minimask yet): eight 3x3 convs, a 4x4 stride-2 transposed conv
+    # keypoint head: eight 3x3 convs, then the 4x4 stride-2 transposed conv to K heatmaps
     ("keypoint_head.convs.{i}", "roi_heads.keypoint_head.{2*i}"),
     ("keypoint_head.logits", "roi_heads.keypoint_predictor.kps_score_lowres"),
 ]
@@ -127,6 +128,8 @@ CLASS_SPECIFIC = (
     "roi_heads.predictor.bbox_pred",
     "mask_head.logits",
 )
+# (keypoint_head.logits has one output per keypoint type, not per class: a different K is a
+# different task, and is refused as a shape mismatch.)
 
 # The C4 layout's box head is the ResNet's C5 stage: torchvision's layer4 (minimask's trunk name
 # backbone.stages.3) loads there, block for block.
@@ -528,7 +531,8 @@ def export_weights(model_or_state, path: str | os.PathLike) -> dict[str, np.ndar
     by :func:`~minimask.model.torch_format.save_pth` (no torch needed); both formats are written
     atomically. The result loads with ``strict=True`` into
     ``torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
-    num_classes=K)`` with the same K. Returns the ``{torchvision name: array}`` written.
+    num_classes=K)`` with the same K (a keypoint model's into ``keypointrcnn_resnet50_fpn``).
+    Returns the ``{torchvision name: array}`` written.
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()

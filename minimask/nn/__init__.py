@@ -28,7 +28,7 @@ from minimask.nn.layers import (
 from minimask.nn.module import LoadResult, Module, ModuleList, Parameter, Sequential, save_npz
 from minimask.nn.norm import FrozenBatchNorm2d, GroupNorm, group_norm
 from minimask.nn.optim import SGD, AdamW, Optimizer, WarmupMultiStepSchedule, clip_grad_norm
-from minimask.nn.pool import max_pool2d, upsample_nearest
+from minimask.nn.pool import max_pool2d, upsample_bilinear, upsample_nearest
 
 __all__ = [
     "SGD",
@@ -60,5 +60,6 @@ __all__ = [
     "linear",
     "max_pool2d",
     "save_npz",
+    "upsample_bilinear",
     "upsample_nearest",
 ]

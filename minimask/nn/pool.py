@@ -1,12 +1,15 @@
-"""Max pooling and nearest-neighbour upsampling: plain array functions, then engine ops.
+"""Max pooling, nearest and bilinear upsampling: plain array functions, then engine ops.
 
 Where Mask R-CNN uses them: ResNet's stem max-pools with a 3x3 window, stride 2, padding 1; FPN
 makes its coarsest level P6 by max-pooling P5 with a 1x1 window and stride 2 (Lin et al. 2017),
 and its top-down path upsamples each level to the size of the next finer one (``size=``, which
-may not be an exact 2x when an image side is odd).
+may not be an exact 2x when an image side is odd). The keypoint head (Mask R-CNN §5) doubles its
+28x28 heatmaps to 56x56 by bilinear upsampling; its inference resizes each RoI's heatmaps to the
+RoI's size in pixels bicubically.
 
 Shape letters: N images, C channels, H x W input size, Ho x Wo output size, kh x kw window.
-Both follow torch: ``F.max_pool2d`` (padding counts as -inf) and ``F.interpolate(mode="nearest")``.
+All follow torch: ``F.max_pool2d`` (padding counts as -inf) and ``F.interpolate`` with
+``mode="nearest"``, ``"bilinear"`` and ``"bicubic"`` (``align_corners=False``).
 """
 
 from __future__ import annotations
@@ -211,3 +214,122 @@ def upsample_nearest(x: Tensor, size=None, scale_factor=None) -> Tensor:
     """Nearest-neighbour resize of x (N, C, H, W), as ``F.interpolate(mode="nearest")`` (see
     :func:`upsample_nearest_forward`)."""
     return UpsampleNearest.apply(x, size=size, scale_factor=scale_factor)
+
+
+# ---------------------------------------------------------------------------- bilinear and bicubic
+def bilinear_taps(src: int, dst: int, xp, dtype, scale: float | None = None):
+    """Where each of ``dst`` output pixels samples a ``src``-long axis: ``(low, high, frac)``.
+
+    Half-pixel centres (``align_corners=False``): output pixel ``j`` sits at source coordinate
+    ``u = (j + 0.5)·scale - 0.5``, clamped at 0, with ``scale = src/dst`` (or the given one: torch
+    uses ``1 / scale_factor`` when a scale factor is given); it blends pixels ``low = floor(u)``
+    and ``high = min(low + 1, src - 1)`` with weights ``1 - frac`` and ``frac = u - low``.
+    """
+    scale = src / dst if scale is None else scale
+    u = (xp.arange(dst, dtype=dtype) + 0.5) * dtype(scale) - 0.5
+    u = xp.maximum(u, 0)
+    low = xp.minimum(xp.floor(u).astype(xp.int64), src - 1)
+    high = xp.minimum(low + 1, src - 1)
+    return low, high, (u - low).astype(dtype)
+
+
+def bilinear_matrix(src: int, dst: int, xp, dtype, scale: float | None = None):
+    """(dst, src) weights ``A`` with ``resized = A @ line`` along one axis (:func:`bilinear_taps`).
+
+    Each row holds ``1 - frac`` at ``low`` and ``frac`` at ``high`` (one 1 where they coincide).
+    """
+    low, high, frac = bilinear_taps(src, dst, xp, dtype, scale)
+    rows = xp.arange(dst)
+    a = xp.zeros((dst, src), dtype=dtype)
+    a[rows, low] = 1 - frac
+    a[rows, high] += frac  # low == high at the last pixel: the row still sums to 1
+    return a
+
+
+CUBIC_A = -0.75  # torch's (and OpenCV's) cubic convolution parameter (Keys 1981 uses -0.5)
+
+
+def bicubic_matrix(src: int, dst: int, xp, dtype):
+    """(dst, src) weights ``A`` of torch's bicubic resize along one axis, ``resized = A @ line``.
+
+    ``F.interpolate(mode="bicubic", align_corners=False)``: output pixel ``j`` sits at
+    ``u = (j + 0.5)·src/dst - 0.5`` (not clamped, unlike bilinear), and blends the four pixels
+    ``floor(u) - 1 .. floor(u) + 2`` (clamped to the axis, so the border repeats) with the cubic
+    convolution weights of ``t = u - floor(u)``::
+
+        w(d) = (a + 2)|d|^3 - (a + 3)|d|^2 + 1      for |d| <= 1
+               a|d|^3 - 5a|d|^2 + 8a|d| - 4a        for 1 < |d| < 2,      a = -0.75
+    """
+    if src == dst:  # torch copies an axis that keeps its size
+        return xp.eye(src, dtype=dtype)
+    a = CUBIC_A
+    u = (xp.arange(dst, dtype=dtype) + 0.5) * dtype(src / dst) - 0.5
+    base = xp.floor(u)
+    t = (u - base).astype(dtype)
+    near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # noqa: E731 - |d| <= 1
+    far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # noqa: E731 - 1 < |d| < 2
+    weights = [far(t + 1), near(t), near(1 - t), far(2 - t)]  # taps at offsets -1, 0, 1, 2
+    m = xp.zeros((dst, src), dtype=dtype)
+    rows = xp.arange(dst)
+    for offset, w in zip((-1, 0, 1, 2), weights):
+        index = xp.clip(base.astype(xp.int64) + offset, 0, src - 1)
+        scatter_add(m, (rows, index), w.astype(dtype))  # clamped taps may share a pixel
+    return m
+
+
+def resize_bicubic(x, size: tuple[int, int]):
+    """(..., H, W) -> (..., Ho, Wo), as ``F.interpolate(x, size, mode="bicubic",
+    align_corners=False)``: separable, ``Ah @ x @ Aw^T`` (:func:`bicubic_matrix`)."""
+    xp = get_array_module(x)
+    (H, W), (Ho, Wo) = x.shape[-2:], size
+    ah = bicubic_matrix(H, Ho, xp, x.dtype.type)  # (Ho, H)
+    aw = bicubic_matrix(W, Wo, xp, x.dtype.type)  # (Wo, W)
+    return ah @ x @ aw.T  # (..., Ho, Wo)
+
+
+class BilinearSaved(NamedTuple):
+    rows: object  # (Ho, H) the row weights Ah
+    cols: object  # (Wo, W) the column weights Aw
+
+
+def upsample_bilinear_forward(x, scale_factor: float = 2.0):
+    """Bilinear resize of x (N, C, H, W) by ``scale_factor``, as ``F.interpolate(x,
+    scale_factor=s, mode="bilinear", align_corners=False)`` (torchvision's keypoint predictor).
+
+    Bilinear resizing is linear and separable: ``out = Ah @ x @ Aw^T`` with the (Ho, H) and (Wo,
+    W) weights of :func:`bilinear_matrix`, two small matrix products per channel. Output size
+    ``floor(H · s)``; the source coordinate uses ``1 / s`` as torch does with a scale factor.
+
+    Returns:
+        ``(out (N, C, Ho, Wo), saved)``.
+    """
+    xp = get_array_module(x)
+    H, W = x.shape[-2:]
+    Ho, Wo = math.floor(H * scale_factor), math.floor(W * scale_factor)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"upsample_bilinear: {H}x{W} resized to {Ho}x{Wo} is empty")
+    dtype = x.dtype.type
+    ah = bilinear_matrix(H, Ho, xp, dtype, 1.0 / scale_factor)  # (Ho, H)
+    aw = bilinear_matrix(W, Wo, xp, dtype, 1.0 / scale_factor)  # (Wo, W)
+    return ah @ x @ aw.T, BilinearSaved(ah, aw)
+
+
+def upsample_bilinear_backward(grad_out, saved: BilinearSaved):
+    """Gradient of :func:`upsample_bilinear_forward`: the transposed maps, ``Ah^T @ g @ Aw``.
+    Returns grad_x (N, C, H, W)."""
+    return saved.rows.T @ grad_out @ saved.cols
+
+
+class UpsampleBilinear(Function):
+    def forward(self, x, scale_factor=2.0):
+        out, self.saved = upsample_bilinear_forward(x, scale_factor)
+        return out
+
+    def backward(self, g):
+        return (upsample_bilinear_backward(g, self.saved),)
+
+
+def upsample_bilinear(x: Tensor, scale_factor: float = 2.0) -> Tensor:
+    """Bilinear resize of x (N, C, H, W) by ``scale_factor`` (see
+    :func:`upsample_bilinear_forward`)."""
+    return UpsampleBilinear.apply(x, scale_factor=scale_factor)

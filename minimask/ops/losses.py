@@ -5,10 +5,12 @@ Mask R-CNN trains five losses at once (He et al. 2017, §3; Faster R-CNN, Ren et
     L = L_objectness + L_rpn_box  +  L_cls + L_box  +  L_mask
         \\_____ RPN (rpn_loss) ___/   \\ fastrcnn_loss /  mask_loss
 
-built from three elementwise pieces: :func:`smooth_l1_loss` for box deltas,
-:func:`binary_cross_entropy_with_logits` for objectness and mask pixels, and :func:`cross_entropy`
-for the class of each RoI. Every function takes Tensors (or plain arrays for targets), returns a
-Tensor that ``backward()`` can start from, and runs unchanged on NumPy or CuPy.
+plus, with a keypoint head (§5), ``L_keypoint`` (:func:`keypoint_loss`, a softmax over each
+heatmap's cells). They are built from three elementwise pieces: :func:`smooth_l1_loss` for box
+deltas, :func:`binary_cross_entropy_with_logits` for objectness and mask pixels, and
+:func:`cross_entropy` for the class of each RoI (and the cell of each keypoint). Every function
+takes Tensors (or plain arrays for targets), returns a Tensor that ``backward()`` can start
+from, and runs unchanged on NumPy or CuPy.
 
 The normalisations follow torchvision (``rpn.py`` and ``roi_heads.py``), so the numbers can be
 compared one to one; where they differ from the papers, the docstring says so. One deliberate
@@ -25,6 +27,8 @@ Shape letters:
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from minimask.backend import get_array_module
 from minimask.engine import Function, Tensor, where
@@ -391,3 +395,35 @@ def mask_softmax_loss(mask_logits, labels, mask_targets) -> Tensor:
     pixel_classes = xp.where(targets >= 0.5, labels[:, None, None], 0)  # (R, M, M)
     rows = mask_logits.permute(0, 2, 3, 1).reshape(-1, num_classes)  # (R·M·M, K)
     return cross_entropy(rows, pixel_classes.reshape(-1).astype(xp.int64))
+
+
+# ---------------------------------------------------------------------------- the keypoint head
+def keypoint_loss(keypoint_logits, heatmap_targets, valid) -> Tensor:
+    """Mask R-CNN's keypoint loss (§5): for each labelled keypoint of each RoI, the softmax
+    cross-entropy over the M² cells of its heatmap, whose target is the one cell it falls in;
+    averaged over the labelled keypoints (torchvision's ``keypointrcnn_loss``).
+
+    Args:
+        keypoint_logits: Tensor (R, K, M, M), one heatmap per keypoint type.
+        heatmap_targets: integer array (R, K), each keypoint's cell ``y·M + x`` in ``[0, M²)``.
+        valid: bool array (R, K): the keypoint is labelled and inside its RoI.
+
+    Returns:
+        A scalar Tensor, 0 connected to the graph when nothing is valid (as torchvision).
+    """
+    num_rois, k, h, w = keypoint_logits.shape
+    if h != w:
+        raise ValueError(f"keypoint_loss needs square heatmaps, got {h}x{w}")
+    xp = keypoint_logits.xp
+    targets = _array(heatmap_targets, xp).reshape(-1)  # (R·K,)
+    valid = _array(valid, xp).reshape(-1).astype(bool)
+    if targets.shape != (num_rois * k,) or valid.shape != targets.shape:
+        raise ValueError(
+            f"keypoint_loss: targets {np.shape(heatmap_targets)} and valid {np.shape(valid)} "
+            f"for logits {keypoint_logits.shape}; expected ({num_rois}, {k})"
+        )
+    rows = xp.flatnonzero(valid)  # (V,) the labelled keypoints
+    if rows.size == 0:
+        return keypoint_logits.sum() * 0.0
+    flat = keypoint_logits.reshape(num_rois * k, h * w)  # (R·K, M²): one row per heatmap
+    return cross_entropy(flat[rows], targets[rows])
