@@ -298,7 +298,8 @@ def minimask_stages(model: MaskRCNN, images, reference: dict | None = None) -> d
         }
         if reference is not None:  # each head on torchvision's input to it
             their_proposals = [p.astype(dtype) for p in reference["proposals"]]
-            class_logits, box_deltas = heads._predict(pooled_levels, their_proposals, padded)
+            box_features = heads.box_features(pooled_levels, their_proposals, padded)
+            class_logits, box_deltas = heads.predictor(box_features)
             out["class_logits"], out["box_deltas"] = class_logits.data, box_deltas.data
             out["detections"] = heads.postprocess(
                 reference["class_logits"].astype(dtype),
