@@ -109,6 +109,21 @@ class MaskRCNN(Module):
         self.mask_head.predict(features, detections, padded)
         return detections
 
+    # The model's parameters in the three groups that 4-step alternating training trains in turn
+    # (minimask.alternating); every parameter belongs to exactly one group.
+    def shared_modules(self) -> list[Module]:
+        """The modules computing the features that both the RPN and the heads read."""
+        return [self.backbone, self.fpn]
+
+    def rpn_modules(self) -> list[Module]:
+        """The RPN's own layers (on the shared features)."""
+        return [self.rpn]
+
+    def detector_modules(self) -> list[Module]:
+        """The detector's own layers: the box head and the mask head."""
+        return [self.roi_heads, self.mask_head]
+
+
 def detections_to_host(detections) -> list[dict]:
     """Detections as NumPy arrays (copied from the GPU when needed)."""
     return [{k: np.asarray(to_host(v)) for k, v in d.items()} for d in detections]
