@@ -651,6 +651,9 @@ def _interrupted(args, error: KeyboardInterrupt) -> str:
     if isinstance(error, TrainingInterrupted):  # it says what it saved and how to go on
         return str(error)
     said = f" ({error})" if str(error) else ""
-    if args.command == "train" and os.path.isfile(os.path.join(args.out, "checkpoint.npz")):
-        return f"interrupted{said}; --resume continues from {args.out}/checkpoint.npz"
+    if args.command == "train":  # the last checkpoint (alternating training: its last step's)
+        folders = [args.out] + [os.path.join(args.out, f"step{k}") for k in range(4, 0, -1)]
+        for checkpoint in (os.path.join(folder, "checkpoint.npz") for folder in folders):
+            if os.path.isfile(checkpoint):
+                return f"interrupted{said}; --resume continues from {checkpoint}"
     return f"interrupted{said}"

@@ -2,6 +2,7 @@
 proposals, the end is one model with one backbone, and resume across steps is exact."""
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from test_cli_errors import error_line, run
 
+from minimask import workflow
 from minimask.alternating import (
     STEPS,
     setup_step,
@@ -25,7 +27,6 @@ from minimask.model.config import tiny
 from minimask.model.mask_rcnn import MaskRCNN
 from minimask.nn import init
 from minimask.train import RunExistsError, TrainConfig, fit
-from minimask.workflow import ShapesData
 
 SMALL = ShapesConfig(image_size=64, min_size=12, max_size=28, max_shapes=3)
 BASE = TrainConfig(iterations=8, lr=0.01, warmup_iters=1, milestones=(6,), checkpoint_every=1)
@@ -35,7 +36,7 @@ TRAINS = {1: {"shared", "rpn"}, 2: {"shared", "detector"}, 3: {"rpn"}, 4: {"dete
 
 
 MODEL = tiny().replace(min_size=64, max_size=64)
-META = {"model_config": asdict(MODEL), **ShapesData().meta()}  # as minimask train stores
+META = {"model_config": asdict(MODEL), **workflow.ShapesData().meta()}  # as minimask train stores
 
 
 def new_model():
@@ -269,7 +270,7 @@ def test_the_cli_refuses_bad_schedules_in_one_line(tmp_path, capsys, options, na
     assert not out.exists()
 
 
-def test_the_cli_trains_alternating_and_resumes_a_finished_run(tmp_path, capsys):
+def test_the_cli_trains_alternating_and_resumes_a_finished_run(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["train", *SMALL_ARGS, "--schedule", "alternating", "--step-iterations", "1", "1",
             "1", "2", "--out", str(out), "--no-progress"]  # fmt: skip
@@ -281,3 +282,14 @@ def test_the_cli_trains_alternating_and_resumes_a_finished_run(tmp_path, capsys)
     after = weights(model_from_checkpoint(str(out / "checkpoint.npz"))[0])
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+    for path in ("checkpoint.npz", "step4/checkpoint.npz", "step3/checkpoint.npz"):
+        os.remove(out / path)  # as if killed in step 3, before its first save
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "train", killed)
+    status, _, err = run([*argv, "--resume"], capsys)
+    assert status == 130
+    assert f"--resume continues from {out / 'step2' / 'checkpoint.npz'}" in error_line(err, "train")
