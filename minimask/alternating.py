@@ -169,7 +169,7 @@ def setup_step(step: int, new_model: Callable[[], MaskRCNN], out_dir: str):
         freeze(model.detector_modules())
         return model, rpn_losses
     if step == 2:  # a separate backbone + heads; step 1's model only proposes
-        rpn_model = trained(1)
+        rpn_model = trained(1).train()  # proposes as in training (rpn_post_nms_top_n_train)
         freeze([rpn_model])
         freeze(model.rpn_modules())
         return model, DetectorLosses(rpn_model)
@@ -213,7 +213,7 @@ def train_alternating(
     """
     if len(configs) != STEPS:
         raise ValueError(f"{len(configs)} train configs: alternating training has {STEPS} steps")
-    _prepare(out_dir, configs, resume, overwrite)
+    _prepare(out_dir, resume, overwrite)
     offset = 0
     for step, config in enumerate(configs, start=1):
         if resume:
@@ -249,7 +249,7 @@ def _run_files(out_dir: str) -> list[str]:
             for p in _files_of(f)]  # fmt: skip
 
 
-def _prepare(out_dir: str, configs, resume: bool, overwrite: bool) -> None:
+def _prepare(out_dir: str, resume: bool, overwrite: bool) -> None:
     """Refuse, resume or clear a run already in ``out_dir``, before any step trains."""
     os.makedirs(out_dir, exist_ok=True)
     _remove_stale_temporaries(out_dir)  # a killed save of the final checkpoint
