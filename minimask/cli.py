@@ -185,6 +185,13 @@ def _add_train(subparsers) -> None:
                    help="start the backbone from an ImageNet ResNet (torchvision's resnet50 "
                    ".pth)")  # fmt: skip
     p.add_argument("--iterations", type=int, default=t.iterations)
+    p.add_argument("--schedule", default="joint", metavar="joint|alternating",
+                   help="joint: every loss at once (approximate joint training, the default); "
+                   "alternating: the 4-step alternating training (RPN, detector, RPN on the "
+                   "detector's frozen backbone, detector heads), each in OUT/step<k>/")  # fmt: skip
+    p.add_argument("--step-iterations", type=int, nargs="+", default=None, metavar="N",
+                   help="alternating: the four steps' iterations (default: --iterations split "
+                   "in four)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=t.lr, help="base learning rate")
     p.add_argument("--optimizer", default=t.optimizer, choices=("sgd", "adamw"))
@@ -276,9 +283,10 @@ def _run_train(args) -> int:
 
     _check_train_arguments(args)
     device = _device(args)
-    milestones = args.milestones if args.milestones is not None else [int(0.8 * args.iterations)]
+    iterations = sum(args.step_iterations) if args.step_iterations else args.iterations
+    milestones = args.milestones if args.milestones is not None else [int(0.8 * iterations)]
     config = TrainConfig(
-        iterations=args.iterations,
+        iterations=iterations,
         lr=args.lr,
         optimizer=args.optimizer,
         warmup_iters=args.warmup,
@@ -291,9 +299,15 @@ def _run_train(args) -> int:
                    resume=args.resume, weights=args.weights,
                    backbone_weights=args.backbone_weights, min_size=args.min_size,
                    max_size=args.max_size, progress=not args.no_progress,
-                   overwrite=args.overwrite, device=device,
-                   config_changes=config_changes(args.set))  # fmt: skip
-    print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, {args.out}/loss_curve.png")
+                   overwrite=args.overwrite, device=device, schedule=args.schedule,
+                   config_changes=config_changes(args.set),
+                   step_iterations=args.step_iterations)  # fmt: skip
+    if args.schedule == "alternating":
+        print(f"wrote {args.out}/checkpoint.npz (the final model) and each step's checkpoint.npz, "
+              f"losses.jsonl and loss_curve.png in {args.out}/step1 .. step4")  # fmt: skip
+    else:
+        print(f"wrote {args.out}/checkpoint.npz, {args.out}/losses.jsonl, "
+              f"{args.out}/loss_curve.png")  # fmt: skip
     return 0
 
 
@@ -306,6 +320,7 @@ def _check_train_arguments(args) -> None:
         get_config(args.preset, **config_changes(args.set))
     except ValueError as e:
         raise UsageError(f"--set {' --set '.join(args.set)}: {e}") from None
+    _check_schedule(args)
     for name, value in (("lr", args.lr), ("gamma", args.gamma)):
         if not (math.isfinite(value) and value > 0):  # NaN fails every comparison
             raise UsageError(f"--{name} {value}: must be a finite number above 0")
@@ -322,9 +337,30 @@ def _check_train_arguments(args) -> None:
     _out_folder(args.out)
     for path in (args.weights, args.backbone_weights):
         _check_archive(path)
-    checkpoint = os.path.join(args.out, "checkpoint.npz")
-    if args.resume and os.path.isfile(checkpoint):  # none: training starts afresh, with a note
-        _check_archive(checkpoint)
+    folders = [args.out] + [os.path.join(args.out, f"step{k}") for k in range(1, 5)]
+    for folder in folders if args.resume else ():  # none: training starts afresh, with a note
+        checkpoint = os.path.join(folder, "checkpoint.npz")
+        if os.path.isfile(checkpoint):
+            _check_archive(checkpoint)
+
+
+def _check_schedule(args) -> None:
+    """Refuse a schedule that does not exist, and step iterations that do not fit it."""
+    if args.schedule not in ("joint", "alternating"):
+        raise UsageError(f"--schedule {args.schedule}: use joint or alternating")
+    steps = args.step_iterations
+    if steps is not None and args.schedule != "alternating":
+        raise UsageError("--step-iterations needs --schedule alternating (joint training has "
+                         "one step: give --iterations)")  # fmt: skip
+    if steps is not None and len(steps) != 4:
+        raise UsageError(f"--step-iterations {' '.join(map(str, steps))}: give 4 counts, one "
+                         "per step")  # fmt: skip
+    for k, n in enumerate(steps or (), start=1):
+        if n < 1:
+            raise UsageError(f"--step-iterations: step {k} has {n}; each step needs at least 1")
+    if args.schedule == "alternating" and steps is None and args.iterations < 4:
+        raise UsageError(f"--iterations {args.iterations}: --schedule alternating needs at least "
+                         "4, one per step (or give --step-iterations)")  # fmt: skip
 
 
 def _image_sizes(args) -> tuple[int, int]:
@@ -730,6 +766,9 @@ def _interrupted(args, error: KeyboardInterrupt) -> str:
     if isinstance(error, TrainingInterrupted):  # it says what it saved and how to go on
         return str(error)
     said = f" ({error})" if str(error) else ""
-    if args.command == "train" and os.path.isfile(os.path.join(args.out, "checkpoint.npz")):
-        return f"interrupted{said}; --resume continues from {args.out}/checkpoint.npz"
+    if args.command == "train":  # the last checkpoint (alternating training: its last step's)
+        folders = [args.out] + [os.path.join(args.out, f"step{k}") for k in range(4, 0, -1)]
+        for checkpoint in (os.path.join(folder, "checkpoint.npz") for folder in folders):
+            if os.path.isfile(checkpoint):
+                return f"interrupted{said}; --resume continues from {checkpoint}"
     return f"interrupted{said}"

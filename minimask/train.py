@@ -2,12 +2,12 @@
 
 ``fit`` drives any model whose ``forward(images, targets)`` returns a dict of named losses (the
 Mask R-CNN's ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``,
-``loss_mask``). One iteration is:
+``loss_mask``), or any ``loss_fn(model, images, targets)`` that does. One iteration is:
 
     batch = get_batch(i)                 # deterministic in i: resuming replays the same stream
     model.rng = rng((seed, i))           # the samplers' randomness, also a function of i
-    losses = model(images, targets); total = sum(losses)
-    total.backward(); clip_grad_norm; optimizer.step()
+    losses = model(images, targets); total = sum(losses)     # or loss_fn(model, ...)
+    total.backward(); clip_grad_norm; optimizer.step()       # the requires_grad parameters
 
 Because the batch and the samplers' random numbers depend only on ``(seed, i)``, a run resumed from
 the checkpoint of iteration ``i`` continues exactly as the uninterrupted run would have.
@@ -128,6 +128,11 @@ def make_schedule(config: TrainConfig) -> WarmupMultiStepSchedule:
 
 
 # ---------------------------------------------------------------------------- the loop
+def model_losses(model: Module, images, targets) -> dict:
+    """The default loss of an iteration: the model's own forward in training mode."""
+    return model(images, targets)
+
+
 def total_loss(losses: dict):
     total = None
     for value in losses.values():
@@ -145,6 +150,7 @@ def fit(
     meta: dict | None = None,
     overwrite: bool = False,
     log=print,
+    loss_fn: Callable[[Module, list, list], dict] = model_losses,
 ) -> list[dict]:
     """Train ``model`` for ``config.iterations`` steps; returns the per-iteration log records.
 
@@ -154,6 +160,9 @@ def fit(
         meta: extra JSON-able facts stored in the checkpoint (the model preset, the dataset).
         overwrite: start again in a folder that already holds a run.
         log: where notes go (``print`` by default).
+        loss_fn: ``(model, images, targets) -> dict of losses`` (default: ``model(images,
+            targets)``); another one trains the model on part of its losses, as each step of
+            :mod:`minimask.alternating` does. Only parameters with ``requires_grad`` train.
 
     Raises:
         RunExistsError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
@@ -193,7 +202,7 @@ def fit(
         for i in bar:
             adapt_threads()  # BLAS threads: the cores no other process is using (backend.py)
             records.append(_step(model, optimizer, schedule, params, get_batch, config, i, ckpt,
-                                 xp))  # fmt: skip
+                                 xp, loss_fn))  # fmt: skip
             with open(log_path, "a") as f:
                 f.write(json.dumps(records[-1]) + "\n")
             if hasattr(bar, "set_postfix"):
@@ -212,23 +221,24 @@ def fit(
     return records
 
 
-def _step(model, optimizer, schedule, params, get_batch, config, i, ckpt, xp) -> dict:
+def _step(model, optimizer, schedule, params, get_batch, config, i, ckpt, xp,
+          loss_fn=model_losses) -> dict:  # fmt: skip
     """One iteration (the module docstring's five lines); returns its log record."""
     lr = schedule(i)
     optimizer.set_lr(lr)
     images, targets = get_batch(i)  # host arrays: the model's transform uploads them
     model.rng = rng((config.seed, i), xp)  # on the model's device (backend.rng's policy)
-    losses = model(images, targets)
+    losses = loss_fn(model, images, targets)
     total = total_loss(losses)
     values = {k: float(v.item()) for k, v in losses.items()}  # the step's one sync: the log
     if not math.isfinite(float(total.item())):
-        _explain_nan(model, images, targets, config.seed, i, values, ckpt, xp)
+        _explain_nan(model, images, targets, config.seed, i, values, ckpt, xp, loss_fn)
     optimizer.zero_grad()
     total.backward()
     # clip_norm 0 turns clipping off (an infinite bound), not the check of the norm below
     grad_norm = clip_grad_norm(params, config.clip_norm or math.inf)
     if not math.isfinite(grad_norm):
-        _explain_nan(model, images, targets, config.seed, i, values, ckpt, xp)
+        _explain_nan(model, images, targets, config.seed, i, values, ckpt, xp, loss_fn)
     optimizer.step()
     return {"iteration": i + 1, "lr": lr, "total": sum(values.values()), **values}
 
@@ -333,13 +343,14 @@ def _truncate_log(path: str, iteration: int) -> None:
         f.writelines(keep)
 
 
-def _explain_nan(model, images, targets, seed, i, values, ckpt, xp=np) -> None:
+def _explain_nan(model, images, targets, seed, i, values, ckpt, xp=np,
+                 loss_fn=model_losses) -> None:  # fmt: skip
     """Re-run step ``i`` under the NaN detective and raise with where the NaN arose."""
     where = "the detective found no non-finite op on re-running the step"
     try:
         with detect_anomaly():
             model.rng = rng((seed, i), xp)
-            total_loss(model(images, targets)).backward()
+            total_loss(loss_fn(model, images, targets)).backward()
     except AnomalyError as e:
         where = str(e)
     good = ckpt if os.path.exists(ckpt) else "none written yet"

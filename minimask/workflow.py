@@ -197,7 +197,8 @@ def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
           resume: bool = False, weights: str | None = None, backbone_weights: str | None = None,
           min_size: int | None = None, max_size: int | None = None, progress: bool = True,
           log=print, overwrite: bool = False, device: str | None = None,
-          config_changes: dict | None = None) -> MaskRCNN:  # fmt: skip
+          config_changes: dict | None = None, schedule: str = "joint",
+          step_iterations=None) -> MaskRCNN:  # fmt: skip
     """Train ``preset`` on ``data`` (an adapter above) with :func:`minimask.train.fit`.
 
     ``config_changes`` are model config fields set last (``{"pooler": "roi_pool"}``: the CLI's
@@ -206,11 +207,25 @@ def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
     folder that already holds a run is refused (:class:`minimask.train.RunExistsError`).
     ``device`` (``"cpu"``/``"gpu"``, default ``MINIMASK_DEVICE``) is where the model trains;
     batches stay on the host until the model's transform uploads them.
+
+    ``schedule`` is ``"joint"`` (every loss at once, ``config.iterations`` steps) or
+    ``"alternating"``: :mod:`minimask.alternating`'s four steps of ``step_iterations``
+    iterations (default: ``config.iterations`` split in four).
     """
+    if schedule not in ("joint", "alternating"):
+        raise ValueError(f"schedule={schedule!r}; use 'joint' or 'alternating'")
     model_config = data.model_config(preset, min_size, max_size, bool(weights or backbone_weights))
     model_config = model_config.replace(**(config_changes or {}))
-    model = build_model(model_config, config.seed, weights, backbone_weights, log)
-    model.to(check_device(device))  # before fit builds the optimizer: its state goes there too
+    device = check_device(device)
+
+    built = []  # alternating training builds several: only the first says what it loaded
+
+    def new_model() -> MaskRCNN:
+        notes = log if not built else (lambda _: None)
+        built.append(True)
+        model = build_model(model_config, config.seed, weights, backbone_weights, notes)
+        return model.to(device)  # before fit builds the optimizer: its state goes there too
+
     meta = {"preset": preset, "batch_size": batch_size, "model_config": asdict(model_config),
             "weights": weights, "backbone_weights": backbone_weights, **data.meta()}  # fmt: skip
     c = model_config
@@ -218,9 +233,18 @@ def train(data, preset: str, config: TrainConfig, batch_size: int, out_dir: str,
         f"side {c.min_size} (longer <= {c.max_size}), batch {batch_size}")  # fmt: skip
     batches = data.train_batches(config.seed, batch_size)
     start = time.perf_counter()
-    fit(model, batches, config, out_dir, resume, progress, meta, overwrite=overwrite, log=log)
+    if schedule == "alternating":
+        from minimask.alternating import step_configs, train_alternating  # noqa: PLC0415
+
+        steps = step_configs(config, step_iterations)
+        iterations = sum(s.iterations for s in steps)
+        model = train_alternating(new_model, batches, steps, out_dir, resume, progress, meta,
+                                  overwrite, log)  # fmt: skip
+    else:
+        model, iterations = new_model(), config.iterations
+        fit(model, batches, config, out_dir, resume, progress, meta, overwrite=overwrite, log=log)
     seconds = time.perf_counter() - start
-    log(f"trained in {seconds:.0f} s ({seconds / max(config.iterations, 1):.2f} s/iteration)")
+    log(f"trained in {seconds:.0f} s ({seconds / max(iterations, 1):.2f} s/iteration)")
     problems = getattr(batches, "problems", None)
     if problems:
         log(problems.summary())
