@@ -208,3 +208,14 @@ def test_a_short_run_on_the_figures_lowers_the_keypoint_loss(tmp_path):
     losses = np.array([r["loss_keypoint"] for r in records])
     assert losses[:5].mean() > 7.5  # about log(56²) = 8.05 at the start
     assert losses[-10:].mean() < losses[:5].mean() - 1.0
+
+
+def test_figures_give_a_cpu_preset_a_small_keypoint_head():
+    """``--dataset figures --preset tiny`` builds tiny_keypoints' head, not eight 512-wide convs."""
+    from minimask.model.config import get_config  # noqa: PLC0415
+    from minimask.workflow import FiguresData  # noqa: PLC0415
+
+    small = get_config("tiny_keypoints").keypoint_conv_channels
+    assert FiguresData().model_config("tiny").keypoint_conv_channels == small
+    assert FiguresData().model_config("tiny").num_keypoints == len(figures.KEYPOINT_NAMES)
+    assert FiguresData().model_config("r50_fpn").keypoint_conv_channels == (512,) * 8
