@@ -225,6 +225,21 @@ def test_a_c4_checkpoint_rebuilds_its_model(tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def test_a_checkpoint_from_before_the_switches_still_loads(tmp_path):
+    """A checkpoint whose stored config predates the ablation and keypoint fields (as the
+    lessons' tiny_shapes.npz) rebuilds the same model: every new field defaults to the old one."""
+    model = small_model("tiny")
+    old = dict(vars(model.config))
+    for name in ("layout", "pooler", "mask_head", "mask_deconv_channels", "mask_mlp_dim",
+                 "mask_class_agnostic", "mask_loss", "num_keypoints", "keypoint_pool_size",
+                 "keypoint_conv_channels"):  # fmt: skip
+        old.pop(name)
+    save_checkpoint(str(tmp_path / "old.npz"), model, None, 0, {"model_config": old})
+    again, _ = model_from_checkpoint(str(tmp_path / "old.npz"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 # ---------------------------------------------------------------------------- presets
 def test_presets_build_their_layouts():
     assert {"tiny", "tiny_c4", "r50_fpn", "r101_fpn", "r50_c4", "r101_c4"} <= set(PRESETS)

@@ -115,8 +115,9 @@ class MaskRCNNConfig:
     # K·M·M with M = 2 x mask_pool_size (31.5 mask AP against the FCN's 33.6). "fpn" only.
     # "none": no mask branch (torchvision's Keypoint R-CNN has none: a box and keypoint model)
     mask_conv_channels: tuple[int, ...] = (256, 256, 256, 256)  # the FCN's 3x3 convs ("c4": none)
-    mask_deconv_channels: int = 256  # output channels of the FCN's 2x deconv (torchvision: 256;
-    # Detectron's C4 head: 2048 -> 256)
+    mask_deconv_channels: int | None = None  # output channels of the FCN's 2x deconv; None:
+    # as many as it receives (torchvision's MaskRCNNPredictor, 256 -> 256; Detectron's C4 head
+    # sets 2048 -> 256). None is also what a checkpoint from before this field was made with.
     mask_mlp_dim: int = 1024  # width of the MLP head's two hidden FC layers
     mask_class_agnostic: bool = False  # True: one mask per RoI, whatever its class (§4.2: 29.7
     # mask AP against 30.3 class-specific, ResNet-50-C4); the loss and inference use channel 0

@@ -60,8 +60,9 @@ class MaskHead(Module):
             convs.append(Conv2d(c_in, width, 3, padding=1))
             c_in = width
         self.convs = ModuleList(convs)
-        self.upsample = ConvTranspose2d(c_in, config.mask_deconv_channels, 2, stride=2)
-        self.logits = Conv2d(config.mask_deconv_channels, outputs, 1)
+        width = config.mask_deconv_channels or c_in  # None: the width the deconv receives
+        self.upsample = ConvTranspose2d(c_in, width, 2, stride=2)
+        self.logits = Conv2d(width, outputs, 1)
         for layer in [*self.convs, self.upsample, self.logits]:  # torchvision's mask head init
             init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             init.zeros_(layer.bias)
