@@ -144,7 +144,6 @@ def test_gradients_match_finite_differences(case):
     check_gradients(fn, case["features"])
 
 
-
 @settings(max_examples=30)
 @given(case=cases(ties=True), dtype=st.sampled_from([np.float64, np.float32]))
 def test_fast_form_equals_the_plain_definition_in_the_module(case, dtype):
@@ -195,6 +194,7 @@ def test_float32_rank_orders_like_the_floats():
     x = (rng.standard_normal(1000) * 10.0 ** rng.integers(-30, 30, 1000)).astype(np.float32)
     a, b = rng.integers(0, 1000, (2, 5000))
     np.testing.assert_array_equal(x[a] > x[b], float32_rank(x)[a] < float32_rank(x)[b])
+
 
 # ---------------------------------------------------------------------------- invariants
 def test_hand_worked_4x4():
