@@ -22,6 +22,7 @@ from minimask.nn.conv import (
     conv2d,
     conv2d_backward,
     conv2d_forward,
+    conv2d_plain,
     conv_output_size,
     conv_transpose2d,
     conv_transpose2d_backward,
@@ -203,6 +204,36 @@ def test_conv2d_matches_nested_loops(case):
     x, w, _, options = case
     out, _ = conv2d_forward(x, w, **options)
     np.testing.assert_allclose(out, conv2d_reference(x, w, **options), rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=80)
+@given(conv_cases(max_side=6))
+def test_conv2d_plain_definition_matches_nested_loops_and_the_fast_form(case):
+    x, w, _, options = case
+    plain = conv2d_plain(x, w, **options)
+    np.testing.assert_allclose(plain, conv2d_reference(x, w, **options), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(conv2d_forward(x, w, **options)[0], plain, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "k", "options"),
+    [
+        ((2, 16, 40, 36), 3, dict(padding=1)),  # the stride-4 layers, smaller
+        ((9, 32, 14, 14), 3, dict(padding=1)),  # the mask head on 9 RoIs
+        ((2, 3, 33, 31), 7, dict(stride=2, padding=3)),  # the ResNet stem
+        ((2, 16, 21, 20), 3, dict(stride=2, padding=1)),
+        ((2, 16, 21, 20), 1, dict(stride=2)),
+    ],
+)
+def test_fast_form_equals_the_plain_definition_in_float32(x_shape, k, options):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(x_shape, dtype=np.float32)
+    w = rng.standard_normal((24, x_shape[1], k, k), dtype=np.float32)
+    out, _ = conv2d_forward(x, w, **options)
+    plain = conv2d_plain(x, w, **options)
+    assert out.dtype == plain.dtype == np.float32
+    scale = np.sqrt(x_shape[1] * k * k)  # the size of a sum of C*k*k unit products
+    np.testing.assert_allclose(out, plain, rtol=0, atol=1e-5 * scale)
 
 
 @settings(max_examples=80)
