@@ -23,6 +23,7 @@ from minimask.nn import (
     Module,
     ModuleList,
     Sequential,
+    conv2d,
     init,
     max_pool2d,
 )
@@ -37,11 +38,35 @@ def make_norm(config: MaskRCNNConfig, channels: int) -> Module:
     raise ValueError(f"config.norm={config.norm!r}; use 'frozen_bn' or 'group_norm'")
 
 
-def conv_norm(config, c_in: int, c_out: int, kernel: int, stride: int = 1) -> Sequential:
+class ConvNorm(Sequential):
+    """A bias-free conv ("same" padding) followed by the norm: the ResNet unit.
+
+    Named ``0`` (the conv) and ``1`` (the norm) in the state dict, as torchvision's
+    ``conv``/``bn`` pairs map to them. A frozen batch norm is an affine map per channel, so it
+    is folded into the conv: ``conv(x, W) * scale + shift == conv(x, W * scale) + shift``,
+    computed as one conv with the scaled weight and ``shift`` as its bias. That saves two full
+    passes over the conv's output (a multiply and an add into new arrays); the weight is scaled
+    anew at every call (a pass over the weight, far smaller than the maps), through the engine,
+    so a trainable conv still gets its gradient. The result equals the unfolded one up to float
+    rounding (``tests/test_backbone.py``).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, norm = self[0], self[1]
+        if not isinstance(norm, FrozenBatchNorm2d) or conv.bias is not None:
+            return super().forward(x)
+        scale, shift = norm.scale_and_shift()  # (O,) each
+        scale = Tensor(scale.reshape(-1, 1, 1, 1).astype(conv.weight.dtype, copy=False))
+        shift = Tensor(shift.astype(x.dtype, copy=False))
+        weight = conv.weight * scale  # (O, C, kh, kw)
+        return conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation)
+
+
+def conv_norm(config, c_in: int, c_out: int, kernel: int, stride: int = 1) -> ConvNorm:
     """A bias-free conv ("same" padding) followed by the norm: the ResNet unit."""
     conv = Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
     init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return Sequential(conv, make_norm(config, c_out))
+    return ConvNorm(conv, make_norm(config, c_out))
 
 
 class BasicBlock(Module):
