@@ -245,6 +245,17 @@ def test_conv_transpose2d_matches_nested_loops(case):
     np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", [(2, 2), (2, 3), (1, 2)])
+def test_conv_transpose2d_whose_taps_tile_the_output_matches_nested_loops(kernel):
+    # stride == kernel: each output pixel comes from exactly one tap (the mask head's upsampling),
+    # which the fast form assigns instead of adding onto zeros.
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((3, 4, 3, 2)), rng.standard_normal((4, 5, *kernel))
+    out, saved = conv_transpose2d_forward(x, w, stride=kernel)
+    np.testing.assert_allclose(out, conv_transpose2d_reference(x, w, stride=kernel), atol=1e-12)
+    check_gradients(lambda a, b: conv_transpose2d(a, b, stride=kernel), x, w)
+
+
 # ---------------------------------------------------------------------------- 4. known answers
 X33 = np.arange(9.0).reshape(1, 1, 3, 3)  # [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
 W22 = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)

@@ -223,11 +223,19 @@ def _fold(cols, geo: Geometry):
         return images.transpose(1, 0, 2, 3).copy()  # (N, C, H, W)
 
     cols = cols.reshape(geo.w_shape[2] // geo.groups, kw, C, geo.rows, Wo)
-    grad = xp.zeros((N, C, H, W), cols.dtype)
+    kh, (Ho, Wo) = geo.w_shape[2], geo.out_size
+    # The taps tile the image, each pixel seen by exactly one (the mask head's 2x2, stride-2
+    # conv_transpose2d): assign, with no zeros to add onto (half the time of adding).
+    tiles = geo.stride == (kh, kw) and geo.dilation == (1, 1) and geo.padding == (0, 0)
+    tiles = tiles and (H, W) == (Ho * kh, Wo * kw)
+    grad = (xp.empty if tiles else xp.zeros)((N, C, H, W), cols.dtype)
     grad_cnhw = grad.transpose(1, 0, 2, 3)  # (C, N, H, W) view
     for (u, j), (t0, t1, rows), (w0, w1, columns) in _taps(geo):
         blocks = cols[u, j, :, : N * B].reshape(C, N, B, Wo)
-        grad_cnhw[:, :, rows, columns] += blocks[:, :, t0:t1, w0:w1]  # no pixel twice per tap
+        if tiles:
+            grad_cnhw[:, :, rows, columns] = blocks[:, :, t0:t1, w0:w1]
+        else:
+            grad_cnhw[:, :, rows, columns] += blocks[:, :, t0:t1, w0:w1]  # no pixel twice per tap
     return grad
 
 
