@@ -399,3 +399,36 @@ def test_conv_on_gpu_matches_cpu():
         conv_transpose2d_backward(grad, saved),
     ):
         np.testing.assert_allclose(ours.get(), theirs, atol=1e-10)
+
+
+@pytest.mark.parametrize(("k", "options"), [(3, dict(padding=1)), (1, {}), (3, dict(stride=2))])
+def test_weight_gradient_split_between_threads_equals_one_product(k, options, monkeypatch):
+    # With 2 BLAS threads the sum over pixels of a weight gradient is cut in two ranges, each
+    # computed on its own thread (conv_fast._sum_over_pixels); the result must not change.
+    from minimask.backend import blas_threads, set_threads  # noqa: PLC0415
+    from minimask.nn import conv_fast  # noqa: PLC0415
+
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal((2, 6, 20, 17)), rng.standard_normal((5, 6, k, k))
+    out, saved = conv2d_forward(x, w, **options)
+    grad = rng.standard_normal(out.shape)
+    single = conv2d_backward(grad, saved)
+    before = blas_threads()
+    try:
+        if set_threads(2) != 2 or blas_threads() != 2:
+            pytest.skip("this BLAS does not take 2 threads")
+        monkeypatch.setattr(conv_fast, "SPLIT_PIXELS", 16)
+        calls = []
+        real = conv_fast.single_threaded_blas
+
+        def counted():
+            calls.append(blas_threads())
+            return real()
+
+        monkeypatch.setattr(conv_fast, "single_threaded_blas", counted)
+        split = conv2d_backward(grad, saved)
+        assert calls and blas_threads() == 2  # split, and the thread count given back
+    finally:
+        set_threads(before)
+    np.testing.assert_allclose(split[1], single[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(split[0], single[0])
