@@ -11,9 +11,9 @@ kh x kw kernel, B rows per image in the column matrix, R = N*B (+ a few) its row
 
 What it buys: the plain form makes kh*kw small matrix products and kh*kw full passes over the
 output; here a 3x3 conv is three copies of the input and one large GEMM, so nearly all the time
-is BLAS arithmetic. Measured with one thread (CPU time, float32, forward + backward): the GEMMs
-take about 85 % of the time at every Mask R-CNN shape of ``python -m minimask.bench conv`` and
-the whole pass runs within 1.0-1.16x torch's (see docs/benchmarks.md).
+is BLAS arithmetic. Measured with one thread (CPU time, float32, forward + backward, the 3x3
+rows of ``python -m minimask.bench conv``): the GEMMs take 84-96 % of the time, and the whole
+pass 1.0-1.16x torch's (docs/benchmarks.md has the tables).
 
 How: NumPy's fastest operation is the matrix product (a BLAS GEMM), so the conv becomes one GEMM
 ``weight (O, K) @ columns (K, R*Wo)``, each column holding what one output pixel sees.
