@@ -110,3 +110,23 @@ def test_a_conv_with_bias_is_not_folded(kernel):
     unit[0].bias = Conv2d(2, 2, kernel, bias=True, dtype=np.float64).bias
     x = Tensor(rng.standard_normal((1, 2, 5, 5)))
     np.testing.assert_array_equal(unit(x).data, unfolded(unit, x).data)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_unit_with_relu_equals_the_unit_then_relu(frozen):
+    rng = np.random.default_rng(4)
+    unit = frozen_unit(3, 4, 3, 1, rng, np.float64)
+    if not frozen:
+        unit = ConvNorm(unit[0], GroupNorm(2, 4, dtype=np.float64))
+    x_data = rng.standard_normal((2, 3, 7, 6))
+    grad = rng.standard_normal((2, 4, 7, 6))
+    results = []
+    for run in (lambda t: unit(t, relu=True), lambda t: unfolded(unit, t).relu()):
+        x = Tensor(x_data, requires_grad=True)
+        unit[0].weight.grad = None
+        out = run(x)
+        out.backward(grad)
+        results.append((out.data, x.grad, unit[0].weight.grad))
+    for fused, plain in zip(*results):
+        np.testing.assert_allclose(fused, plain, rtol=1e-10, atol=1e-10)
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # the ReLU did cut

@@ -432,3 +432,20 @@ def test_weight_gradient_split_between_threads_equals_one_product(k, options, mo
         set_threads(before)
     np.testing.assert_allclose(split[1], single[1], rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(split[0], single[0])
+
+
+def test_conv2d_with_relu_equals_conv2d_then_relu():
+    rng = np.random.default_rng(10)
+    x, w, b = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3)), rng.random(4)
+    grad = rng.standard_normal((2, 4, 6, 5))
+    results = []
+    for relu in (True, False):
+        xt, wt, bt = (Tensor(a, requires_grad=True) for a in (x, w, b))
+        out = conv2d(xt, wt, bt, padding=1, relu=True) if relu else conv2d(xt, wt, bt, padding=1)
+        out = out if relu else out.relu()
+        out.backward(grad)
+        results.append((out.data, xt.grad, wt.grad, bt.grad))
+    for fused, plain in zip(*results):
+        np.testing.assert_allclose(fused, plain, rtol=1e-12, atol=1e-12)
+    assert (results[0][0] == 0).any()
+    check_gradients(lambda a, c: conv2d(a, c, padding=1, relu=True), x, w)

@@ -48,18 +48,21 @@ class ConvNorm(Sequential):
     passes over the conv's output (a multiply and an add into new arrays); the weight is scaled
     anew at every call (a pass over the weight, far smaller than the maps), through the engine,
     so a trainable conv still gets its gradient. The result equals the unfolded one up to float
-    rounding (``tests/test_backbone.py``).
+    rounding (``tests/test_backbone.py``). ``relu=True`` adds the ReLU that follows most units,
+    inside the conv op when folded (one map instead of two kept for the backward pass).
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        """The conv, then the norm, then (``relu=True``) a ReLU."""
         conv, norm = self[0], self[1]
         if not isinstance(norm, FrozenBatchNorm2d) or conv.bias is not None:
-            return super().forward(x)
+            out = super().forward(x)
+            return out.relu() if relu else out
         scale, shift = norm.scale_and_shift()  # (O,) each
         scale = Tensor(scale.reshape(-1, 1, 1, 1).astype(conv.weight.dtype, copy=False))
         shift = Tensor(shift.astype(x.dtype, copy=False))
         weight = conv.weight * scale  # (O, C, kh, kw)
-        return conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation)
+        return conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, relu=relu)
 
 
 def conv_norm(config, c_in: int, c_out: int, kernel: int, stride: int = 1) -> ConvNorm:
@@ -85,7 +88,7 @@ class BasicBlock(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.conv2(self.conv1(x).relu())
+        out = self.conv2(self.conv1(x, relu=True))
         return (out + shortcut).relu()
 
 
@@ -106,7 +109,7 @@ class Bottleneck(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.conv3(self.conv2(self.conv1(x).relu()).relu())
+        out = self.conv3(self.conv2(self.conv1(x, relu=True), relu=True))
         return (out + shortcut).relu()
 
 
@@ -146,7 +149,7 @@ class ResNet(Module):
                 p.requires_grad = i >= len(parts) - trainable
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.stem(x).relu()
+        x = self.stem(x, relu=True)
         x = max_pool2d(x, 3, stride=2, padding=1)
         features = []
         for stage in self.stages:

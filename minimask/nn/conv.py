@@ -63,16 +63,26 @@ def conv2d_plain(x, w, stride=1, padding=0, dilation=1):
 
 # ---------------------------------------------------------------------------- engine ops
 class Conv2d(Function):
-    """conv2d as an engine op; inputs ``(x, weight)`` or ``(x, weight, bias)``."""
+    """conv2d as an engine op; inputs ``(x, weight)`` or ``(x, weight, bias)``.
 
-    def forward(self, x, w, *bias, stride=1, padding=0, dilation=1):
+    ``relu=True`` applies the ReLU to the output in place: the same numbers as ``.relu()`` on
+    the result, without a second map kept alive beside the first (the backward reads the ReLU's
+    mask from the output, which the next op keeps anyway).
+    """
+
+    def forward(self, x, w, *bias, stride=1, padding=0, dilation=1, relu=False):
         out, self.saved = conv2d_forward(x, w, stride, padding, dilation)
         self.has_bias = bool(bias)
         if bias:
             out += bias[0].reshape(1, -1, 1, 1)
+        self.relu_out = None
+        if relu:  # out is this op's own fresh array: overwrite it
+            self.relu_out = get_array_module(out).maximum(out, out.dtype.type(0), out=out)
         return out
 
     def backward(self, g):
+        if self.relu_out is not None:
+            g = g * (self.relu_out > 0)  # the ReLU's backward (engine/ops.py)
         grad_x, grad_w = conv2d_backward(g, self.saved, self.wants(0), self.wants(1))
         if not self.has_bias:
             return grad_x, grad_w
@@ -96,15 +106,28 @@ class ConvTranspose2d(Function):
         return grad_x, grad_w, g.sum(axis=(0, 2, 3)) if self.wants(2) else None
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1):
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    relu: bool = False,
+):
     """2-D convolution of x (N, C, H, W) with weight (O, C, kh, kw) and optional bias (O,).
 
     Returns (N, O, Ho, Wo) with ``Ho = (H + 2p - d(kh - 1) - 1) // s + 1``, as
     ``torch.nn.functional.conv2d``. stride, padding, dilation: an int or a (height, width) pair.
+    ``relu=True``: ``conv2d(...).relu()`` in one op (one map instead of two).
     """
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return Conv2d.apply(
-        *tensors, stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation)
+        *tensors,
+        stride=_pair(stride),
+        padding=_pair(padding),
+        dilation=_pair(dilation),
+        relu=relu,
     )
 
 
