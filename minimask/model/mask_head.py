@@ -46,7 +46,7 @@ class MaskHead(Module):
         """Mask logits (R, K, 28, 28) for per-image boxes (a list of (R_i, 4) arrays)."""
         x = self.pooler(features, boxes, [padded_size])  # (R, C, 14, 14)
         for conv in self.convs:
-            x = conv(x).relu()
+            x = conv(x, relu=True)
         return self.logits(self.upsample(x).relu())
 
     def loss(self, features, sampled, targets, padded_size) -> Tensor:
