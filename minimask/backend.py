@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from types import ModuleType
 
 import numpy as np
@@ -269,6 +270,24 @@ def runnable_elsewhere() -> int | None:
 def blas_threads() -> int:
     """The number of threads NumPy's BLAS uses now."""
     return _policy.current()
+
+
+@contextmanager
+def single_threaded_blas():
+    """Within the block, NumPy's BLAS runs on the calling thread alone (then back to its count).
+
+    For code that splits a product between Python threads itself (NumPy releases the GIL in a
+    matrix product), so that the BLAS does not split each part again.
+    """
+    before = _policy.current()
+    if before == 1:
+        yield
+        return
+    _policy.apply(1)
+    try:
+        yield
+    finally:
+        _policy.apply(before)
 
 
 def set_threads(threads: int | None = None) -> int:

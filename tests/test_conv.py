@@ -22,6 +22,7 @@ from minimask.nn.conv import (
     conv2d,
     conv2d_backward,
     conv2d_forward,
+    conv2d_plain,
     conv_output_size,
     conv_transpose2d,
     conv_transpose2d_backward,
@@ -206,12 +207,53 @@ def test_conv2d_matches_nested_loops(case):
 
 
 @settings(max_examples=80)
+@given(conv_cases(max_side=6))
+def test_conv2d_plain_definition_matches_nested_loops_and_the_fast_form(case):
+    x, w, _, options = case
+    plain = conv2d_plain(x, w, **options)
+    np.testing.assert_allclose(plain, conv2d_reference(x, w, **options), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(conv2d_forward(x, w, **options)[0], plain, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "k", "options"),
+    [
+        ((2, 16, 40, 36), 3, dict(padding=1)),  # the stride-4 layers, smaller
+        ((9, 32, 14, 14), 3, dict(padding=1)),  # the mask head on 9 RoIs
+        ((2, 3, 33, 31), 7, dict(stride=2, padding=3)),  # the ResNet stem
+        ((2, 16, 21, 20), 3, dict(stride=2, padding=1)),
+        ((2, 16, 21, 20), 1, dict(stride=2)),
+    ],
+)
+def test_fast_form_equals_the_plain_definition_in_float32(x_shape, k, options):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(x_shape, dtype=np.float32)
+    w = rng.standard_normal((24, x_shape[1], k, k), dtype=np.float32)
+    out, _ = conv2d_forward(x, w, **options)
+    plain = conv2d_plain(x, w, **options)
+    assert out.dtype == plain.dtype == np.float32
+    scale = np.sqrt(x_shape[1] * k * k)  # the size of a sum of C*k*k unit products
+    np.testing.assert_allclose(out, plain, rtol=0, atol=1e-5 * scale)
+
+
+@settings(max_examples=80)
 @given(conv_transpose_cases(max_side=4))
 def test_conv_transpose2d_matches_nested_loops(case):
     x, w, _, options = case
     out, _ = conv_transpose2d_forward(x, w, **options)
     expected = conv_transpose2d_reference(x, w, **options)
     np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", [(2, 2), (2, 3), (1, 2)])
+def test_conv_transpose2d_whose_taps_tile_the_output_matches_nested_loops(kernel):
+    # stride == kernel: each output pixel comes from exactly one tap (the mask head's upsampling),
+    # which the fast form assigns instead of adding onto zeros.
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((3, 4, 3, 2)), rng.standard_normal((4, 5, *kernel))
+    out, saved = conv_transpose2d_forward(x, w, stride=kernel)
+    np.testing.assert_allclose(out, conv_transpose2d_reference(x, w, stride=kernel), atol=1e-12)
+    check_gradients(lambda a, b: conv_transpose2d(a, b, stride=kernel), x, w)
 
 
 # ---------------------------------------------------------------------------- 4. known answers
@@ -369,3 +411,53 @@ def test_conv_on_gpu_matches_cpu():
         conv_transpose2d_backward(grad, saved),
     ):
         np.testing.assert_allclose(ours.get(), theirs, atol=1e-10)
+
+
+@pytest.mark.parametrize(("k", "options"), [(3, dict(padding=1)), (1, {}), (3, dict(stride=2))])
+def test_weight_gradient_split_between_threads_equals_one_product(k, options, monkeypatch):
+    # With 2 BLAS threads the sum over pixels of a weight gradient is cut in two ranges, each
+    # computed on its own thread (conv_fast._sum_over_pixels); the result must not change.
+    from minimask.backend import blas_threads, set_threads  # noqa: PLC0415
+    from minimask.nn import conv_fast  # noqa: PLC0415
+
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal((2, 6, 20, 17)), rng.standard_normal((5, 6, k, k))
+    out, saved = conv2d_forward(x, w, **options)
+    grad = rng.standard_normal(out.shape)
+    single = conv2d_backward(grad, saved)
+    before = blas_threads()
+    try:
+        if set_threads(2) != 2 or blas_threads() != 2:
+            pytest.skip("this BLAS does not take 2 threads")
+        monkeypatch.setattr(conv_fast, "SPLIT_PIXELS", 16)
+        calls = []
+        real = conv_fast.single_threaded_blas
+
+        def counted():
+            calls.append(blas_threads())
+            return real()
+
+        monkeypatch.setattr(conv_fast, "single_threaded_blas", counted)
+        split = conv2d_backward(grad, saved)
+        assert calls and blas_threads() == 2  # split, and the thread count given back
+    finally:
+        set_threads(before)
+    np.testing.assert_allclose(split[1], single[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(split[0], single[0])
+
+
+def test_conv2d_with_relu_equals_conv2d_then_relu():
+    rng = np.random.default_rng(10)
+    x, w, b = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3)), rng.random(4)
+    grad = rng.standard_normal((2, 4, 6, 5))
+    results = []
+    for relu in (True, False):
+        xt, wt, bt = (Tensor(a, requires_grad=True) for a in (x, w, b))
+        out = conv2d(xt, wt, bt, padding=1, relu=True) if relu else conv2d(xt, wt, bt, padding=1)
+        out = out if relu else out.relu()
+        out.backward(grad)
+        results.append((out.data, xt.grad, wt.grad, bt.grad))
+    for fused, plain in zip(*results):
+        np.testing.assert_allclose(fused, plain, rtol=1e-12, atol=1e-12)
+    assert (results[0][0] == 0).any()
+    check_gradients(lambda a, c: conv2d(a, c, padding=1, relu=True), x, w)

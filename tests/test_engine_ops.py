@@ -499,6 +499,18 @@ def test_relu_of_negatives_is_plus_zero():
     np.testing.assert_array_equal(np.signbit(y.data), [False, False, False])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_keeps_nan_as_torch_and_passes_no_gradient_there(dtype):
+    x = Tensor(np.array([np.nan, -1.0, 0.0, 3.0], dtype), requires_grad=True)
+    y = x.relu()
+    y.backward(np.ones(4, dtype))
+    np.testing.assert_array_equal(y.data, [np.nan, 0.0, 0.0, 3.0])
+    np.testing.assert_array_equal(x.grad, [0.0, 0.0, 0.0, 1.0])
+    assert y.dtype == x.grad.dtype == dtype
+    if torch is not None:  # (torch's gradient at NaN is 1; a NaN's gradient means little)
+        np.testing.assert_array_equal(torch.relu(torch.tensor(x.data)).numpy(), y.data)
+
+
 def test_pow_zero_has_zero_gradient_even_at_zero():
     x = Tensor(np.array([0.0, 2.0]), requires_grad=True)
     (x**0).sum().backward()

@@ -184,6 +184,31 @@ def test_project_masks_and_paste_masks_on_a_box_shaped_mask():
     assert inter / union > 0.9 and pasted[0, 12:28, 22:48].all() and not pasted[0, :8].any()
 
 
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_paste_masks_in_the_boxes_equals_the_whole_image_products(threshold):
+    # The CPU pastes only each box's pixels; the whole-image products (the GPU's way, and the
+    # formula of the docstring) must give the same image, boxes across the edges included.
+    from minimask.model.transform import expand_boxes_to_int, paste_weights
+
+    g = np.random.default_rng(4)
+    probs = g.random((7, 28, 28)).astype(np.float32)
+    boxes = np.array(
+        [[5, 5, 30, 20], [-10, -4, 12, 9], [40, 30, 75, 60], [70, 50, 90, 70], [0, 0, 0.4, 0.4],
+         [-20, 10, 100, 12], [10, 2, 11, 47]], np.float32,
+    )  # fmt: skip
+    pasted = paste_masks(probs, boxes, (45, 64), threshold, chunk=3)
+    box = expand_boxes_to_int(boxes, 28)
+    wy = paste_weights(box[:, 1], box[:, 3], 30, 45, np)  # (D, H, 30)
+    wx = paste_weights(box[:, 0], box[:, 2], 30, 64, np)  # (D, W, 30)
+    whole = wy @ np.pad(probs, ((0, 0), (1, 1), (1, 1))) @ wx.transpose(0, 2, 1)  # (D, H, W)
+    if threshold is None:
+        np.testing.assert_allclose(pasted, whole, rtol=1e-6, atol=1e-6)
+    else:
+        assert pasted.dtype == np.uint8
+        np.testing.assert_array_equal(pasted, whole >= threshold)
+    assert not pasted[3].any()  # (70, 50, 90, 70) lies outside the 64x45 image
+
+
 @requires_torchvision
 def test_project_masks_matches_torchvision():
     import torch

@@ -222,6 +222,22 @@ def test_upsample_nearest_known_answers():
     np.testing.assert_array_equal(grad[0, 0, :, 0], [2, 2, 1])
 
 
+@pytest.mark.parametrize(
+    ("size", "scale_factor"), [((8, 12), None), ((12, 6), None), (None, (2.0, 3.0)), ((5, 6), None)]
+)
+def test_upsample_whole_factor_shortcut_equals_the_index_maps(size, scale_factor):
+    # An exact k-fold upsample is one broadcast copy and its gradient a sum of k*k strided
+    # views; both must equal the general gather through the index maps (and its adjoint).
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 4, 3))
+    out, saved = upsample_nearest_forward(x, size=size, scale_factor=scale_factor)
+    np.testing.assert_array_equal(out, x[:, :, saved.rows][:, :, :, saved.cols])
+    g = rng.standard_normal(out.shape)
+    expected = np.zeros_like(x)
+    np.add.at(expected, (slice(None), slice(None), saved.rows[:, None], saved.cols[None]), g)
+    np.testing.assert_allclose(upsample_nearest_backward(g, saved), expected, rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------- 5. edge cases
 def test_pooling_and_upsampling_a_1x1_image():
     x = np.array([[[[3.0]]], [[[-1.0]]]])  # a batch of two 1x1 images

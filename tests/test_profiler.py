@@ -64,3 +64,23 @@ def test_table_names_ops_and_shares():
     assert "outside ops" in table and "%" in table
     # the header, two ops, the rest summed, outside ops
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 2 + 1 + 1
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    import time  # noqa: PLC0415
+
+    with profile(clock="cpu") as prof:
+        with section("sleep"):
+            time.sleep(0.2)  # waiting: no CPU time
+        small_graph()
+    assert prof.clock is profiler.CLOCKS["cpu"]
+    assert prof.rows[("sleep", "section")].seconds < 0.1
+    assert prof.table().startswith("CPU time")
+    with profile() as wall:
+        with section("sleep"):
+            time.sleep(0.05)
+    assert wall.rows[("sleep", "section")].seconds >= 0.05 and wall.table().startswith("wall")
+    with pytest.raises(ValueError, match="clock"):
+        with profile(clock="gpu"):
+            pass
+    assert profiler.active is None

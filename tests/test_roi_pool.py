@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 import minimask.ops.roi_pool as roi_pool_module
 from minimask.engine import Tensor
-from minimask.ops.roi_pool import roi_pool, roi_pool_backward, roi_pool_forward
+from minimask.ops.roi_pool import (
+    float32_rank,
+    roi_pool,
+    roi_pool_backward,
+    roi_pool_forward,
+    roi_pool_plain,
+)
 
 
 # ---------------------------------------------------------------------------- the slow reference
@@ -136,6 +142,58 @@ def test_gradients_match_finite_differences(case):
         return roi_pool(x, case["rois"], case["output_size"], case["scale"])
 
     check_gradients(fn, case["features"])
+
+
+@settings(max_examples=30)
+@given(case=cases(ties=True), dtype=st.sampled_from([np.float64, np.float32]))
+def test_fast_form_equals_the_plain_definition_in_the_module(case, dtype):
+    features = case["features"].astype(dtype)
+    out, _ = roi_pool_forward(features, case["rois"], case["output_size"], case["scale"])
+    expected = roi_pool_plain(features, case["rois"], case["output_size"], case["scale"])
+    assert out.dtype == expected.dtype == dtype
+    np.testing.assert_array_equal(out, expected)
+
+
+def float32_poisoned(case, rng):
+    """The case in float32 with ties, some zeros made -0.0 and a few NaNs."""
+    features = case["features"].astype(np.float32)
+    zeros = features == 0
+    features[zeros & (rng.random(features.shape) < 0.5)] = -0.0
+    features[rng.random(features.shape) < 0.05] = np.nan
+    return features
+
+
+@requires_torchvision
+@settings(max_examples=40)
+@given(case=cases(ties=True), seed=st.integers(0, 2**31 - 1))
+def test_float32_keys_match_torchvision_with_ties_signed_zeros_and_nan(case, seed):
+    # float32 maps take the sort-free keys (the value's bits as its rank): ties must still go to
+    # the first cell, -0.0 must tie with 0.0 and NaN must lose to every number.
+    features = float32_poisoned(case, np.random.default_rng(seed))
+    grad = case["grad"].astype(np.float32)
+    out, saved = roi_pool_forward(features, case["rois"], case["output_size"], case["scale"])
+    all_nan = np.isnan(out)  # torchvision gives -FLT_MAX there (module docstring)
+    grad[all_nan] = 0  # so that those bins' gradients do not count on either side
+    x = torch.tensor(features, requires_grad=True)
+    rois = torch.tensor(case["rois"], dtype=torch.float32)
+    theirs = torchvision.ops.roi_pool(x, rois, case["output_size"], case["scale"])
+    theirs.backward(torch.tensor(grad))
+    np.testing.assert_array_equal(out[~all_nan], theirs.detach().numpy()[~all_nan])
+    ours = roi_pool_backward(grad, saved)
+    np.testing.assert_allclose(ours, x.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_float32_rank_orders_like_the_floats():
+    values = np.array(
+        [np.inf, 3.5, 1e-40, 0.0, -0.0, -1e-40, -2.0, -np.inf, np.nan, -np.nan], np.float32
+    )
+    rank = float32_rank(values)
+    assert (np.diff(rank[:4]) > 0).all() and rank[3] == rank[4]  # -0.0 ties with 0.0
+    assert (np.diff(rank[4:8]) > 0).all() and rank[8] == rank[9] > rank[7]  # NaN last
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(1000) * 10.0 ** rng.integers(-30, 30, 1000)).astype(np.float32)
+    a, b = rng.integers(0, 1000, (2, 5000))
+    np.testing.assert_array_equal(x[a] > x[b], float32_rank(x)[a] < float32_rank(x)[b])
 
 
 # ---------------------------------------------------------------------------- invariants

@@ -63,3 +63,14 @@ def test_auto_without_proc_keeps_the_count():
 def test_runnable_elsewhere_reads_a_count_on_linux():
     others = backend.runnable_elsewhere()
     assert others is None or others >= 0
+
+
+def test_single_threaded_blas_gives_the_count_back_even_after_an_error():
+    if backend.set_threads(2) != 2 or backend.blas_threads() != 2:
+        pytest.skip("this BLAS does not take 2 threads")
+    with backend.single_threaded_blas():
+        assert backend.blas_threads() == 1
+    assert backend.blas_threads() == 2
+    with pytest.raises(RuntimeError), backend.single_threaded_blas():
+        raise RuntimeError("inside")
+    assert backend.blas_threads() == 2

@@ -1,4 +1,4 @@
-"""``python -m minimask.bench profile [--preset tiny|r50_fpn] [--mode train|infer]``.
+"""``python -m minimask.bench profile [--preset P] [--mode train|infer] [--clock wall|cpu]``.
 
 Prints where one training step (or one inference) of minimask's Mask R-CNN spends its time, per
 engine op and phase, from :func:`minimask.engine.profile` (see ``minimask/engine/profiler.py``).
@@ -77,11 +77,14 @@ def main(repeat: int = 1, argv=None) -> None:
     parser.add_argument("--preset", choices=("tiny", "r50_fpn"), default="tiny")
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
     parser.add_argument("--top", type=int, default=25, help="rows shown (the rest summed)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the process's CPU time, steady on a loaded machine with "
+                        "--threads 1 (see minimask/engine/profiler.py)")  # fmt: skip
     args = parser.parse_args(argv)
     model = build(args.preset, args.mode)
     step = step_fn(model, *inputs(args.preset), args.mode)
     step()  # warm-up
-    with profile() as prof:
+    with profile(clock=args.clock) as prof:
         step()
     what = "one training step" if args.mode == "train" else "one inference"
     print(f"## Profile of {what}, preset {args.preset}\n\n{machine()}; {threads_note()}\n")

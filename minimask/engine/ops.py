@@ -186,12 +186,13 @@ class Clip(Function):
 
 class ReLU(Function):
     def forward(self, a):
-        self.positive = a > 0
-        # where, not a * positive: that gives -0.0 for negative a (and 1 / relu(a) = -inf)
-        return get_array_module(a).where(self.positive, a, a.dtype.type(0))
+        # maximum(a, 0), not a * (a > 0): that gives -0.0 for negative a (and 1 / relu(a) = -inf);
+        # nor where(a > 0, a, 0), which is several times slower. NaN stays NaN, as in torch.
+        self.out = get_array_module(a).maximum(a, a.dtype.type(0))
+        return self.out
 
     def backward(self, g):
-        return (g * self.positive,)
+        return (g * (self.out > 0),)  # out > 0 exactly where a > 0
 
 
 def sigmoid(a):

@@ -16,8 +16,11 @@ is no engine op (NMS, anchors, the matcher, pasting masks, Python glue) is the r
 ops"; :func:`section` names a piece of it, and that piece becomes a row of its own.
 
 Cost when off: ``apply`` and ``backward`` read one module attribute (``active``) and compare it
-with None. Cost when on: two ``perf_counter`` calls per op (about 0.1 µs each), so the numbers
-are the ops' own; with a multi-threaded BLAS they are wall time, not CPU time.
+with None. Cost when on: two clock reads per op (about 0.1 µs each), so the numbers are the ops'
+own. The clock is wall time (``perf_counter``) unless ``profile(clock="cpu")`` asks for the
+process's CPU time (``process_time``): on a machine that other jobs load, wall times grow with
+the load, while the CPU time of a single-threaded run (one BLAS thread) stays the work's own.
+With several BLAS threads the CPU time adds up all of them (their spinning too).
 
 Only one profile runs at a time (a second ``profile()`` inside the first raises), and it records
 the thread that opened it: ops run by other threads are not counted.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 active: Profile | None = None
 
 OUTSIDE = "outside ops"  # the row for time spent in no op and no section
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # see the module docstring
 
 
 @dataclass
@@ -51,8 +56,9 @@ class Profile:
     """The record of one ``with profile():`` block (see the module docstring)."""
 
     rows: dict = field(default_factory=dict)  # (name, phase) -> Row
-    wall: float = 0.0  # seconds from the start to the end of the block
+    wall: float = 0.0  # seconds from the start to the end of the block (on ``clock``)
     thread: int = field(default_factory=threading.get_ident)
+    clock: Callable[[], float] = time.perf_counter  # CLOCKS["wall"] or CLOCKS["cpu"]
 
     def add(self, name: str, phase: str, seconds: float) -> None:
         """Count one run of ``name`` in ``phase`` that took ``seconds``."""
@@ -76,8 +82,9 @@ class Profile:
 
     def table(self, top: int | None = 25) -> str:
         """A Markdown table: op, phase, count, total ms, ms per call, share of the wall time."""
+        clock = "CPU time" if self.clock is CLOCKS["cpu"] else "wall time"
         lines = [
-            f"wall time {1000 * self.wall:.0f} ms: forward ops {1000 * self.total('forward'):.0f}"
+            f"{clock} {1000 * self.wall:.0f} ms: forward ops {1000 * self.total('forward'):.0f}"
             f" ms, backward ops {1000 * self.total('backward'):.0f} ms, named sections "
             f"{1000 * self.total('section'):.0f} ms\n",
             "| op | phase | count | total ms | ms / call | share |",
@@ -101,19 +108,24 @@ class Profile:
 
 
 @contextmanager
-def profile():
-    """Record every engine op run inside the block; yields the :class:`Profile`."""
+def profile(clock: str = "wall"):
+    """Record every engine op run inside the block; yields the :class:`Profile`.
+
+    ``clock``: ``"wall"`` (elapsed time) or ``"cpu"`` (this process's CPU time).
+    """
     global active
     if active is not None:
         raise RuntimeError("a profile is already being recorded; profiles do not nest")
-    prof = Profile()
-    start = time.perf_counter()
+    if clock not in CLOCKS:
+        raise ValueError(f"profile(clock={clock!r}): use one of {sorted(CLOCKS)}")
+    prof = Profile(clock=CLOCKS[clock])
+    start = prof.clock()
     active = prof
     try:
         yield prof
     finally:
         active = None
-        prof.wall = time.perf_counter() - start
+        prof.wall = prof.clock() - start
 
 
 @contextmanager
@@ -129,9 +141,9 @@ def section(name: str):
         yield
         return
     ops_before = prof.total()
-    start = time.perf_counter()
+    start = prof.clock()
     try:
         yield
     finally:
         inside_ops = prof.total() - ops_before  # ops and inner sections
-        prof.add(name, "section", time.perf_counter() - start - inside_ops)
+        prof.add(name, "section", prof.clock() - start - inside_ops)

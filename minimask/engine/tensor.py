@@ -20,7 +20,6 @@ The ops themselves live in :mod:`minimask.engine.ops`; this file holds only the 
 from __future__ import annotations
 
 import threading
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -93,10 +92,10 @@ class Function:
         if check:
             fn.created_at = anomaly.user_frame()
         prof = profiler.active  # None unless inside `with profile():` (engine/profiler.py)
-        start = time.perf_counter() if prof is not None else 0.0
+        start = prof.clock() if prof is not None else 0.0
         out = fn.forward(*[t.data for t in tensors], **options)
         if prof is not None:
-            prof.add(cls.__name__, "forward", time.perf_counter() - start)
+            prof.add(cls.__name__, "forward", prof.clock() - start)
         if check:
             anomaly.check_forward(fn, [t.data for t in tensors], out)
         result = Tensor(out)
@@ -225,10 +224,10 @@ class Tensor:
                 node.grad = xp.array(total, dtype=node.dtype)
                 continue
             prof = profiler.active  # see Function.apply
-            start = time.perf_counter() if prof is not None else 0.0
+            start = prof.clock() if prof is not None else 0.0
             parent_grads = fn.backward(g)
             if prof is not None:
-                prof.add(fn.name, "backward", time.perf_counter() - start)
+                prof.add(fn.name, "backward", prof.clock() - start)
             if not isinstance(parent_grads, tuple):
                 parent_grads = (parent_grads,)
             if anomaly.is_enabled():

@@ -23,6 +23,7 @@ from minimask.nn import (
     Module,
     ModuleList,
     Sequential,
+    conv2d,
     init,
     max_pool2d,
 )
@@ -37,11 +38,38 @@ def make_norm(config: MaskRCNNConfig, channels: int) -> Module:
     raise ValueError(f"config.norm={config.norm!r}; use 'frozen_bn' or 'group_norm'")
 
 
-def conv_norm(config, c_in: int, c_out: int, kernel: int, stride: int = 1) -> Sequential:
+class ConvNorm(Sequential):
+    """A bias-free conv ("same" padding) followed by the norm: the ResNet unit.
+
+    Named ``0`` (the conv) and ``1`` (the norm) in the state dict, as torchvision's
+    ``conv``/``bn`` pairs map to them. A frozen batch norm is an affine map per channel, so it
+    is folded into the conv: ``conv(x, W) * scale + shift == conv(x, W * scale) + shift``,
+    computed as one conv with the scaled weight and ``shift`` as its bias. That saves two full
+    passes over the conv's output (a multiply and an add into new arrays); the weight is scaled
+    anew at every call (a pass over the weight, far smaller than the maps), through the engine,
+    so a trainable conv still gets its gradient. The result equals the unfolded one up to float
+    rounding (``tests/test_backbone.py``). ``relu=True`` adds the ReLU that follows most units,
+    inside the conv op when folded (one map instead of two kept for the backward pass).
+    """
+
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        """The conv, then the norm, then (``relu=True``) a ReLU."""
+        conv, norm = self[0], self[1]
+        if not isinstance(norm, FrozenBatchNorm2d) or conv.bias is not None:
+            out = super().forward(x)
+            return out.relu() if relu else out
+        scale, shift = norm.scale_and_shift()  # (O,) each
+        scale = Tensor(scale.reshape(-1, 1, 1, 1).astype(conv.weight.dtype, copy=False))
+        shift = Tensor(shift.astype(x.dtype, copy=False))
+        weight = conv.weight * scale  # (O, C, kh, kw)
+        return conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, relu=relu)
+
+
+def conv_norm(config, c_in: int, c_out: int, kernel: int, stride: int = 1) -> ConvNorm:
     """A bias-free conv ("same" padding) followed by the norm: the ResNet unit."""
     conv = Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
     init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return Sequential(conv, make_norm(config, c_out))
+    return ConvNorm(conv, make_norm(config, c_out))
 
 
 class BasicBlock(Module):
@@ -60,7 +88,7 @@ class BasicBlock(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.conv2(self.conv1(x).relu())
+        out = self.conv2(self.conv1(x, relu=True))
         return (out + shortcut).relu()
 
 
@@ -81,7 +109,7 @@ class Bottleneck(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.conv3(self.conv2(self.conv1(x).relu()).relu())
+        out = self.conv3(self.conv2(self.conv1(x, relu=True), relu=True))
         return (out + shortcut).relu()
 
 
@@ -139,7 +167,7 @@ class ResNet(Module):
                 p.requires_grad = i >= 5 - trainable
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.stem(x).relu()
+        x = self.stem(x, relu=True)
         x = max_pool2d(x, 3, stride=2, padding=1)
         features = []
         for stage in self.stages:

@@ -70,7 +70,7 @@ class MaskHead(Module):
     def layers(self, x: Tensor) -> Tensor:
         """(R, C, S, S) -> (R, K, 2S, 2S) by the FCN."""
         for conv in self.convs:
-            x = conv(x).relu()
+            x = conv(x, relu=True)
         return self.logits(self.upsample(x).relu())
 
     def roi_features(self, features, boxes, padded_size) -> Tensor:

@@ -46,7 +46,7 @@ class RPNHead(Module):
         """Per level (N, C, Hl, Wl) -> objectness (N, T) and deltas (N, T, 4), levels joined."""
         logits, deltas = [], []
         for x in features:
-            h = self.conv(x).relu()
+            h = self.conv(x, relu=True)
             n, _, height, width = h.shape
             obj = self.cls_logits(h)  # (N, A, Hl, Wl)
             a = obj.shape[1]

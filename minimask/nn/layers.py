@@ -101,8 +101,9 @@ class Conv2d(Module):
         fan_in, _ = init.calculate_fan_in_and_fan_out(self.weight)
         _default_init(self.weight, self.bias, fan_in)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        """The conv; ``relu=True`` adds a ReLU inside the same op (see ``nn.conv.Conv2d``)."""
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, relu)
 
     def extra_repr(self) -> str:
         return (
