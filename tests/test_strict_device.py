@@ -570,12 +570,10 @@ ARRAY_FORM_NMS = ("_batched_nms", "_greedy_blocks", "_solve_block", "_walk_block
 def _outside_nms(log):
     """Syncs outside the array-form NMS, which a GPU replaces by its CUDA kernel."""
     sites = log.by_site(*strict.SYNC_KINDS)
-    in_nms = lambda where: (
-        where.startswith("minimask/ops/nms.py")
-        and (  # noqa: E731
-            where.split()[-1] in ARRAY_FORM_NMS
-        )
-    )
+
+    def in_nms(where: str) -> bool:
+        return where.startswith("minimask/ops/nms.py") and where.split()[-1] in ARRAY_FORM_NMS
+
     return sum(n for (_, where), n in sites.items() if not in_nms(where))
 
 
