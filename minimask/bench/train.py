@@ -162,14 +162,8 @@ def _torchvision_model(preset: str = "tiny"):
     return MaskRCNN(
         Backbone(),
         num_classes=None,
-        min_size=c.min_size, max_size=c.max_size,
-        image_mean=list(c.image_mean), image_std=list(c.image_std),
         rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=c.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=c.rpn_batch_per_image,
+        **_shared_options(c),
         box_roi_pool=MultiScaleRoIAlign(levels, c.box_pool_size, c.pool_sampling_ratio),
         box_head=TwoMLPHead(c.fpn_channels * c.box_pool_size**2, c.box_fc_dim),
         box_predictor=FastRCNNPredictor(c.box_fc_dim, c.num_classes),
@@ -179,6 +173,20 @@ def _torchvision_model(preset: str = "tiny"):
         mask_head=MaskRCNNHeads(c.fpn_channels, list(c.mask_conv_channels), 1),
         mask_predictor=MaskRCNNPredictor(c.mask_conv_channels[-1], c.mask_conv_channels[-1],
                                          c.num_classes),
+    )  # fmt: skip
+
+
+def _shared_options(c) -> dict:
+    """torchvision ``MaskRCNN`` keyword arguments that follow the minimask config ``c`` alike
+    for both peers (FPN and C4): the transform's sizes and normalisation, the RPN's numbers."""
+    return dict(
+        min_size=c.min_size, max_size=c.max_size,
+        image_mean=list(c.image_mean), image_std=list(c.image_std),
+        rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=c.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=c.rpn_batch_per_image,
     )  # fmt: skip
 
 
@@ -217,14 +225,8 @@ def _torchvision_c4(c, conv_norm, stages):
     return MaskRCNN(
         Trunk(),
         num_classes=None,
-        min_size=c.min_size, max_size=c.max_size,
-        image_mean=list(c.image_mean), image_std=list(c.image_std),
         rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train,
-        rpn_pre_nms_top_n_test=c.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=c.rpn_batch_per_image,
+        **_shared_options(c),
         box_roi_pool=MultiScaleRoIAlign(["0"], c.box_pool_size, c.pool_sampling_ratio),
         box_head=Res5Box(),
         box_predictor=FastRCNNPredictor(c5, c.num_classes),
