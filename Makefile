@@ -32,7 +32,8 @@ lint: $(VENV)/.dev
 # Re-run every lesson in place, outputs and pictures included (each runs with lessons/ as its cwd).
 lessons: $(VENV)/.dev
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
-		--ExecutePreprocessor.timeout=120 --ExecutePreprocessor.record_timing=False lessons/*.ipynb
+		--ExecutePreprocessor.timeout=120 --ExecutePreprocessor.record_timing=False \
+		--ExecutePreprocessor.store_widget_state=False lessons/*.ipynb
 
 # JupyterLab on the lessons, in the project's environment (the `lessons` extra: jupyterlab and
 # ipywidgets, for the sliders of lessons 3, 4 and 7).

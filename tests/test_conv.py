@@ -461,3 +461,26 @@ def test_conv2d_with_relu_equals_conv2d_then_relu():
         np.testing.assert_allclose(fused, plain, rtol=1e-12, atol=1e-12)
     assert (results[0][0] == 0).any()
     check_gradients(lambda a, c: conv2d(a, c, padding=1, relu=True), x, w)
+
+
+def test_weight_gradient_has_the_same_bits_at_one_and_two_threads(monkeypatch):
+    # Exact resume needs the same numbers whatever thread count the policy picks on resuming:
+    # the pixel ranges of the split sum do not depend on the thread count.
+    from minimask.backend import blas_threads, set_threads  # noqa: PLC0415
+    from minimask.nn import conv_fast  # noqa: PLC0415
+
+    monkeypatch.setattr(conv_fast, "SPLIT_PIXELS", 16)
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 6, 20, 17)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    out, saved = conv2d_forward(x, w, padding=1)
+    grad = rng.standard_normal(out.shape).astype(np.float32)
+    before = blas_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            set_threads(threads)
+            results.append(conv2d_backward(grad, saved)[1])
+    finally:
+        set_threads(before)
+    np.testing.assert_array_equal(results[0], results[1])

@@ -125,6 +125,13 @@ def test_lesson_is_committed_with_outputs_and_small(path: Path):
     ), f"{path.name} shows no picture"
     size = path.stat().st_size
     assert size < MAX_BYTES, f"{path.name} is {size / 1e6:.1f} MB; use smaller figures"
+    # A saved widget state makes the website's page load a widget manager from a CDN.
+    widgets = "widgets" in notebook.metadata or any(
+        "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+        for c in code
+        for o in c.outputs
+    )
+    assert not widgets, f"{path.name} stores ipywidgets state; re-run it with `make lessons`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)

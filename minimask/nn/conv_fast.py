@@ -289,9 +289,13 @@ def _place(grad_out, geo: Geometry):
     return placed.reshape(geo.groups * O, -1)
 
 
-# Split a weight gradient's sum over pixels between T threads when it has at least T times this
-# many pixels (below that, a thread's start costs more than the split saves).
+# Split a weight gradient's sum over pixels into RANGES ranges when it has at least RANGES times
+# this many pixels (below that, a thread's start costs more than the split saves). The ranges do
+# not depend on the thread count, so neither does the sum's rounding: a run gives the same
+# numbers at 1 or 2 threads, which exact resume needs (the thread policy may change the count
+# between a run and its resumption).
 SPLIT_PIXELS = 512
+RANGES = 4
 _executors = {}  # threads -> ThreadPoolExecutor, made on first use
 
 
@@ -302,24 +306,25 @@ def _sum_over_pixels(a, b):
     BLAS splits such a product along M and K, and its threads meet after every block of a few
     hundred pixels; on a busy machine each meeting waits for the slowest thread. Measured with 2
     threads beside other jobs: 90-640 ms where one thread takes 30 ms (M = K = 192, L = 33,280).
-    So with T BLAS threads the pixels are cut into T ranges, each range's product runs on its own
-    Python thread with a single-threaded BLAS (NumPy releases the GIL meanwhile), and the T
-    partial sums are added: one meeting instead of hundreds (56-66 ms in the same run).
+    So the pixels are cut into :data:`RANGES` ranges, each range's product runs on a Python
+    thread (as many as BLAS threads) with a single-threaded BLAS (NumPy releases the GIL
+    meanwhile), and the partial sums are added in order: one meeting instead of hundreds (56-66
+    ms in the same run).
     """
     xp = get_array_module(a, b)
-    threads = blas_threads() if xp is np else 1
     pixels = a.shape[1]
-    if threads < 2 or pixels < SPLIT_PIXELS * threads:
+    if xp is not np or pixels < SPLIT_PIXELS * RANGES:
         return a @ b.T
+    threads = min(blas_threads(), RANGES)
     if threads not in _executors:
         _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="conv")
-    edges = [pixels * i // threads for i in range(threads + 1)]
+    edges = [pixels * i // RANGES for i in range(RANGES + 1)]
 
     def part(i):  # the pixels [edges[i], edges[i + 1]) of both factors
         return a[:, edges[i] : edges[i + 1]] @ b[:, edges[i] : edges[i + 1]].T  # (M, K)
 
     with single_threaded_blas():
-        parts = list(_executors[threads].map(part, range(threads)))
+        parts = list(_executors[threads].map(part, range(RANGES)))
     total = parts[0]
     for other in parts[1:]:
         total += other
