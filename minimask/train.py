@@ -10,7 +10,10 @@ Mask R-CNN's ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``l
     total.backward(); clip_grad_norm; optimizer.step()       # the requires_grad parameters
 
 Because the batch and the samplers' random numbers depend only on ``(seed, i)``, a run resumed from
-the checkpoint of iteration ``i`` continues exactly as the uninterrupted run would have.
+the checkpoint of iteration ``i`` continues exactly as the uninterrupted run would have, bit for
+bit at a fixed BLAS thread count (``MINIMASK_THREADS=N``): under the default "auto" policy the
+count may change with the machine's load, and OpenBLAS's sums then round differently (the two runs
+then agree to about 1e-7 relative; README, "CPU threads").
 
 What it writes to ``out_dir``:
 

@@ -1,6 +1,11 @@
-"""pytest setup: hypothesis profiles and the `gpu` marker's skip."""
+"""pytest setup: hypothesis profiles, the `gpu` marker's skip, and a fixed BLAS thread count."""
 
 import os
+
+# OpenBLAS rounds a product's sums differently at another thread count, and the default "auto"
+# thread policy changes the count with the machine's load (minimask/backend.py). The tests
+# compare runs bit for bit (exact resume), so they fix it, unless the caller already did.
+os.environ.setdefault("MINIMASK_THREADS", "1")
 
 import pytest
 from hypothesis import HealthCheck, settings
