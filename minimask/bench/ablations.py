@@ -194,11 +194,11 @@ def table(results: dict, seeds, studies=STUDIES) -> str:
 def main(repeat: int = 3, argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minimask.bench ablations",
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
-    parser.add_argument("--iterations", type=int, default=400, help="training steps per run")
+    parser.add_argument("--iterations", type=int, default=250, help="training steps per run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds of the runs (default: 0 .. --repeat - 1)")  # fmt: skip
-    parser.add_argument("--val-images", type=int, default=100)
+    parser.add_argument("--val-images", type=int, default=50, help="validation images per run")
     parser.add_argument(
         "--studies",
         nargs="+",
