@@ -484,3 +484,44 @@ def test_weight_gradient_has_the_same_bits_at_one_and_two_threads(monkeypatch):
     finally:
         set_threads(before)
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def _backward_in_child(queue):
+    from minimask.backend import set_threads  # noqa: PLC0415
+    from minimask.nn import conv_fast  # noqa: PLC0415
+
+    set_threads(2)
+    conv_fast.SPLIT_PIXELS = 16
+    x, w = np.ones((2, 3, 20, 17), np.float32), np.ones((4, 3, 3, 3), np.float32)
+    out, saved = conv2d_forward(x, w, padding=1)
+    queue.put(float(conv2d_backward(np.ones_like(out), saved)[1].sum()))
+
+
+def test_a_forked_child_can_split_a_weight_gradient_again(monkeypatch):
+    # The parent's thread pool is inherited without its threads by a forked child (as the
+    # ablation bench's workers are); the child must make its own instead of waiting forever.
+    import multiprocessing  # noqa: PLC0415
+
+    from minimask.backend import blas_threads, set_threads  # noqa: PLC0415
+    from minimask.nn import conv_fast  # noqa: PLC0415
+
+    monkeypatch.setattr(conv_fast, "SPLIT_PIXELS", 16)
+    before = blas_threads()
+    try:
+        if set_threads(2) != 2:
+            pytest.skip("this BLAS does not take 2 threads")
+        x, w = np.ones((2, 3, 20, 17), np.float32), np.ones((4, 3, 3, 3), np.float32)
+        out, saved = conv2d_forward(x, w, padding=1)
+        expected = float(conv2d_backward(np.ones_like(out), saved)[1].sum())  # pool made here
+    finally:
+        set_threads(before)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_backward_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "the forked child waited on its parent's thread pool"
+    assert queue.get(timeout=5) == expected

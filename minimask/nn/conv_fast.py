@@ -44,6 +44,7 @@ temporaries (columns, GEMM outputs) live in a per-thread :class:`Workspace`, reu
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -297,6 +298,10 @@ def _place(grad_out, geo: Geometry):
 SPLIT_PIXELS = 512
 RANGES = 4
 _executors = {}  # threads -> ThreadPoolExecutor, made on first use
+# A forked child (multiprocessing's default on Linux) inherits the executors but not their
+# threads: work given to them would wait forever. The child makes its own.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_executors.clear)
 
 
 def _sum_over_pixels(a, b):
@@ -316,15 +321,18 @@ def _sum_over_pixels(a, b):
     if xp is not np or pixels < SPLIT_PIXELS * RANGES:
         return a @ b.T
     threads = min(blas_threads(), RANGES)
-    if threads not in _executors:
-        _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="conv")
     edges = [pixels * i // RANGES for i in range(RANGES + 1)]
 
     def part(i):  # the pixels [edges[i], edges[i + 1]) of both factors
         return a[:, edges[i] : edges[i + 1]] @ b[:, edges[i] : edges[i + 1]].T  # (M, K)
 
-    with single_threaded_blas():
-        parts = list(_executors[threads].map(part, range(RANGES)))
+    if threads == 1:  # the same ranges one after another: the same sums, no thread to start
+        parts = [part(i) for i in range(RANGES)]
+    else:
+        if threads not in _executors:
+            _executors[threads] = ThreadPoolExecutor(threads, thread_name_prefix="conv")
+        with single_threaded_blas():
+            parts = list(_executors[threads].map(part, range(RANGES)))
     total = parts[0]
     for other in parts[1:]:
         total += other
