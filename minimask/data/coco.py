@@ -190,17 +190,24 @@ class DataProblems:
             warnings.warn(self.summary(), stacklevel=3)
 
 
+def read_json_file(path: str, error=None):
+    """The JSON in ``path``; a file that is not UTF-8 JSON raises ``error`` (a ValueError class,
+    default :class:`CocoFormatError`) with a message naming the file and what is wrong."""
+    error = error or CocoFormatError
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text: {e}") from e
+
+
 def load_coco_json(path: str) -> dict:
     """Read a COCO annotation file; fatal problems raise :class:`CocoFormatError` naming it."""
     if not os.path.exists(path):
         raise CocoFormatError(f"no COCO annotation file at {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CocoFormatError(f"{path} is not valid JSON: {e}") from e
-    except UnicodeDecodeError as e:
-        raise CocoFormatError(f"{path} is not UTF-8 text: {e}") from e
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise CocoFormatError(f"{path} holds a JSON {type(data).__name__}, not a COCO object")
     for key in REQUIRED_KEYS:

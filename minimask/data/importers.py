@@ -73,7 +73,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from minimask.data.coco import DataProblems
+from minimask.data.coco import DataProblems, read_json_file
 
 __all__ = ["FORMATS", "ImportFormatError", "import_dataset"]
 
@@ -296,13 +296,7 @@ def read_via(src: str, problems: DataProblems, attribute: str | None = None,
             raise ImportFormatError(f"{src} should hold exactly one VIA .json file (found "
                                     f"{listed}); give the file itself")  # fmt: skip
         path = found[0]
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ImportFormatError(f"{path} is not valid JSON: {e}") from e
-    except UnicodeDecodeError as e:
-        raise ImportFormatError(f"{path} is not UTF-8 text: {e}") from e
+    data = read_json_file(path, ImportFormatError)
     if isinstance(data, dict) and "_via_img_metadata" in data:  # a VIA 2.x project file
         data = data["_via_img_metadata"]
     if isinstance(data, dict) and {"project", "file", "metadata"} <= set(data):
@@ -458,13 +452,11 @@ def read_mask(path: str):
 
 # ---------------------------------------------------------------------------- shared steps
 def _read_json(path: str, problems: DataProblems):
+    """The JSON in ``path``, or None with the problem counted (the import goes on)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        return problems.add("unreadable annotation file", f"{path} is not valid JSON: {e}")
-    except UnicodeDecodeError as e:
-        return problems.add("unreadable annotation file", f"{path} is not UTF-8 text: {e}")
+        return read_json_file(path, ImportFormatError)
+    except ImportFormatError as e:
+        return problems.add("unreadable annotation file", str(e))
 
 
 def _open_image(image: SourceImage, problems: DataProblems):
