@@ -158,10 +158,9 @@ def heatmaps_to_keypoints(maps, boxes):
         roi_map = resize_bicubic(maps[i], (h, w))  # (K, h, w)
         best = roi_map.reshape(k, -1).argmax(axis=1)  # (K,) the first maximum, row-major
         col, row = best % w, best // w
-        keypoints[i, :, 0] = (col.astype(dtype) + dtype(0.5)) * (widths[i] / dtype(w)) + boxes[i, 0]
-        keypoints[i, :, 1] = (row.astype(dtype) + dtype(0.5)) * (heights[i] / dtype(h)) + boxes[
-            i, 1
-        ]
+        x1, y1 = boxes[i, 0], boxes[i, 1]
+        keypoints[i, :, 0] = (col.astype(dtype) + dtype(0.5)) * (widths[i] / dtype(w)) + x1
+        keypoints[i, :, 1] = (row.astype(dtype) + dtype(0.5)) * (heights[i] / dtype(h)) + y1
         keypoints[i, :, 2] = 1
         scores[i] = roi_map[kk, row, col]
     return keypoints, scores
